@@ -1,0 +1,31 @@
+"""Errors pgnet-curl raises, each with a message a user can act on."""
+
+
+class PgnetCurlError(Exception):
+    """Base of every error pgnet-curl raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(PgnetCurlError):
+    """A setting or flag has a value we cannot use."""
+
+    exit_code = 2
+
+
+class DatabaseUnavailable(PgnetCurlError):
+    """The database cannot be reached (bad DSN, server down, authentication failed)."""
+
+    exit_code = 3
+
+
+class SchemaError(PgnetCurlError):
+    """The net schema is missing, outdated or could not be installed."""
+
+    exit_code = 4
+
+
+class EmbeddedServerError(PgnetCurlError):
+    """The embedded PostgreSQL could not be started or stopped."""
+
+    exit_code = 5

@@ -1,0 +1,103 @@
+"""Install, upgrade and remove the `net` schema from the SQL files shipped with the package."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+import psycopg
+
+from .errors import SchemaError
+
+# Serialises concurrent installs of the same database (any constant works; this spells "pgnet").
+INSTALL_LOCK_KEY = 0x70676E6574
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+TABLES = ("net.http_request_queue", "net._http_response")
+
+
+def sql_dir() -> Path:
+    """Return the folder holding the SQL files: inside the wheel, or sql/ in a checkout."""
+    packaged = resources.files("pgnet_curl") / "sql"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "sql"
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """Return (version, file name, SQL text) of every numbered schema file, in order."""
+    found = []
+    for path in sql_dir().iterdir():
+        match = _MIGRATION_NAME.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path.name, path.read_text(encoding="utf-8")))
+    found.sort()
+    return found
+
+
+def latest_version() -> int:
+    return migrations()[-1][0]
+
+
+def install_script(durable: bool = False) -> str:
+    """Return the whole idempotent install script, as `pgnet-curl sql` prints it."""
+    parts = [f"-- pgnet-curl schema version {latest_version()}\nbegin;\n"]
+    parts.append(f"select pg_advisory_xact_lock({INSTALL_LOCK_KEY});\n")
+    for _, name, text in migrations():
+        parts.append(f"\n-- ==== {name} ====\n{text}")
+    parts.append("\n" + _persistence_sql(durable))
+    parts.append("\ncommit;\n")
+    return "".join(parts)
+
+
+def _persistence_sql(durable: bool) -> str:
+    """Make the tables logged or unlogged, taking no lock when they already are."""
+    mode, code = ("logged", "p") if durable else ("unlogged", "u")
+    return "".join(
+        f"do $$ begin\n"
+        f"  if (select relpersistence from pg_class where oid = '{table}'::regclass) <> '{code}' then\n"
+        f"    alter table {table} set {mode};\n"
+        f"  end if;\n"
+        f"end $$;\n"
+        for table in TABLES
+    )
+
+
+def installed_version(conn: psycopg.Connection) -> int | None:
+    """Return the schema version installed in the connected database, or None."""
+    row = conn.execute("select to_regclass('net._schema_migrations') is not null").fetchone()
+    if not row[0]:
+        return None
+    return conn.execute("select max(version) from net._schema_migrations").fetchone()[0]
+
+
+def install(dsn: str, durable: bool | None = None) -> int:
+    """Apply the schema to the database at dsn; safe to run again. Return the version.
+
+    durable=True makes the tables logged (they survive a crash), False unlogged (pg_net's
+    choice), None leaves an existing install as it is (new installs are unlogged).
+    """
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            if durable is None and installed_version(conn) is not None:
+                durable = _is_logged(conn)
+            conn.execute(install_script(bool(durable)).encode())
+            return installed_version(conn)
+    except psycopg.Error as exc:
+        raise SchemaError(f"could not install the net schema: {exc}") from exc
+
+
+def _is_logged(conn: psycopg.Connection) -> bool:
+    row = conn.execute(
+        "select relpersistence = 'p' from pg_class where oid = 'net.http_request_queue'::regclass"
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def uninstall(dsn: str) -> None:
+    """Drop schema net and everything in it: queued requests and stored responses too."""
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("drop schema if exists net cascade")
+    except psycopg.Error as exc:
+        raise SchemaError(f"could not uninstall the net schema: {exc}") from exc

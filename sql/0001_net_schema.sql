@@ -1,0 +1,430 @@
+-- pgnet-curl schema, version 1: pg_net 0.20's `net` schema in SQL and PL/pgSQL only.
+--
+-- Idempotent: every statement may run again on an installed schema. The installer
+-- (`pgnet-curl install`) runs every numbered file of sql/ in order, in one transaction.
+-- Public names, argument names, defaults and return types are pg_net's; private objects
+-- start with `_`.
+
+create schema if not exists net;
+
+-- Any method token (RFC 9110 `token`); pg_net admits only GET, POST and DELETE.
+do $$
+begin
+    if to_regtype('net.http_method') is null then
+        create domain net.http_method as text
+            check (value ~ '^[!#$%&''*+.^_`|~0-9A-Za-z-]+$');
+    end if;
+    if to_regtype('net.request_status') is null then
+        create type net.request_status as enum ('PENDING', 'SUCCESS', 'ERROR');
+    end if;
+    if to_regtype('net.http_response') is null then
+        create type net.http_response as (
+            status_code integer,
+            headers jsonb,
+            body text
+        );
+    end if;
+    if to_regtype('net.http_response_result') is null then
+        create type net.http_response_result as (
+            status net.request_status,
+            message text,
+            response net.http_response
+        );
+    end if;
+end
+$$;
+
+-- Requests waiting to be sent. Unlogged like pg_net's (`pgnet-curl install --durable`
+-- makes it logged). The lease columns are ours: a worker owns a row until lease_expires_at,
+-- after which any worker may take it again.
+create unlogged table if not exists net.http_request_queue(
+    id bigserial primary key,
+    method net.http_method not null,
+    url text not null,
+    headers jsonb not null,
+    body bytea,
+    timeout_milliseconds int not null,
+    created_at timestamptz not null default now(),
+    lease_owner text,
+    lease_expires_at timestamptz,
+    attempts int not null default 0
+);
+
+-- One row per finished request.
+create unlogged table if not exists net._http_response(
+    id bigint,
+    status_code integer,
+    content_type text,
+    headers jsonb,
+    content text,
+    timed_out bool,
+    error_msg text,
+    created timestamptz not null default now()
+);
+
+create index if not exists _http_response_created_idx on net._http_response (created);
+-- Exactly one response row per request: the write-back inserts `on conflict do nothing`.
+create unique index if not exists _http_response_id_idx on net._http_response (id);
+
+create table if not exists net._schema_migrations(
+    version int primary key,
+    applied_at timestamptz not null default now()
+);
+
+-- Percent-encode a string as libcurl's curl_easy_escape does: every byte of its UTF-8
+-- form except A-Z a-z 0-9 - . _ ~
+create or replace function net._urlencode_string(string varchar)
+    returns text
+    language plpgsql
+    immutable
+    parallel safe
+as $$
+declare
+    raw bytea;
+    encoded text := '';
+    byte int;
+begin
+    if string is null then
+        return null;
+    end if;
+    if string ~ '^[A-Za-z0-9._~-]*$' then
+        return string;
+    end if;
+    raw := convert_to(string, 'UTF8');
+    for i in 0 .. length(raw) - 1 loop
+        byte := get_byte(raw, i);
+        if (byte between 48 and 57) or (byte between 65 and 90) or (byte between 97 and 122)
+           or byte in (45, 46, 95, 126) then
+            encoded := encoded || chr(byte);
+        else
+            encoded := encoded || '%' || upper(lpad(to_hex(byte), 2, '0'));
+        end if;
+    end loop;
+    return encoded;
+end
+$$;
+
+-- Append already-encoded `key=value` pairs to a URL's query string, before any fragment.
+create or replace function net._encode_url_with_params_array(url text, params_array text[])
+    returns text
+    language plpgsql
+    immutable
+    parallel safe
+as $$
+declare
+    base text := split_part(url, '#', 1);
+    fragment text := substr(url, length(split_part(url, '#', 1)) + 1);
+    query text := array_to_string(params_array, '&');
+begin
+    if url is null or params_array is null or query = '' then
+        return url;
+    end if;
+    if strpos(base, '?') = 0 then
+        base := base || '?';
+    elsif right(base, 1) not in ('?', '&') then
+        base := base || '&';
+    end if;
+    return base || query || fragment;
+end
+$$;
+
+-- Raise for anything libcurl would refuse, and for schemes other than http/https,
+-- before anything is queued.
+create or replace function net._check_url(url text)
+    returns void
+    language plpgsql
+    immutable
+    parallel safe
+as $$
+declare
+    scheme text := lower(substring(url from '^([A-Za-z][A-Za-z0-9+.-]*):'));
+begin
+    if url is null then
+        raise exception 'url must not be null' using errcode = 'null_value_not_allowed';
+    end if;
+    if scheme is null then
+        raise exception 'invalid URL "%": it has no scheme (expected http:// or https://)', url
+            using errcode = 'invalid_parameter_value';
+    end if;
+    if scheme not in ('http', 'https') then
+        raise exception 'unsupported URL scheme "%" in "%": only http and https are allowed', scheme, url
+            using errcode = 'invalid_parameter_value';
+    end if;
+    if url ~ '[[:cntrl:] ]' then
+        raise exception 'invalid URL "%": it contains spaces or control characters', url
+            using errcode = 'invalid_parameter_value';
+    end if;
+    if url !~* '^https?://([^/?#@]*@)?(\[[0-9a-f:.]+(%[^\]]+)?\]|[^/?#:@\[\]]+)(:[0-9]{0,5})?([/?#].*)?$' then
+        raise exception 'invalid URL "%": expected http(s)://host[:port][/path][?query]', url
+            using errcode = 'invalid_parameter_value';
+    end if;
+    if coalesce(nullif(substring(url from '^https?://(?:[^/?#@]*@)?(?:\[[^\]]*\]|[^/?#:@]+):([0-9]+)'), ''), '0')::int > 65535 then
+        raise exception 'invalid URL "%": port out of range', url
+            using errcode = 'invalid_parameter_value';
+    end if;
+end
+$$;
+
+-- Check that headers are a flat JSON object of strings; numbers and booleans become text.
+create or replace function net._normalize_headers(headers jsonb)
+    returns jsonb
+    language plpgsql
+    immutable
+    parallel safe
+as $$
+declare
+    bad_name text;
+begin
+    if headers is null or headers = 'null'::jsonb then
+        return '{}'::jsonb;
+    end if;
+    if jsonb_typeof(headers) <> 'object' then
+        raise exception 'headers must be a JSON object of name/value strings, got %', jsonb_typeof(headers)
+            using errcode = 'invalid_parameter_value';
+    end if;
+    select key into bad_name
+    from jsonb_each(headers)
+    where jsonb_typeof(value) not in ('string', 'number', 'boolean')
+    limit 1;
+    if bad_name is not null then
+        raise exception 'header "%" must have a string value, got %', bad_name, jsonb_typeof(headers -> bad_name)
+            using errcode = 'invalid_parameter_value',
+                  hint = 'numbers and booleans are converted to text; objects, arrays and null are refused';
+    end if;
+    select key into bad_name
+    from jsonb_each_text(headers)
+    where key !~ '^[!#$%&''*+.^_`|~0-9A-Za-z-]+$' or value ~ '[\r\n\x00]'
+    limit 1;
+    if bad_name is not null then
+        raise exception 'header "%" has an invalid name or a line break in its value', bad_name
+            using errcode = 'invalid_parameter_value';
+    end if;
+    return (select coalesce(jsonb_object_agg(key, value), '{}'::jsonb) from jsonb_each_text(headers));
+end
+$$;
+
+-- Queue one request and wake the workers at commit. Every request function ends here.
+create or replace function net._queue_request(
+    method text,
+    url text,
+    params jsonb,
+    headers jsonb,
+    body bytea,
+    timeout_milliseconds int
+)
+    returns bigint
+    language plpgsql
+    volatile
+as $$
+declare
+    request_id bigint;
+    params_array text[];
+begin
+    perform net._check_url(url);
+    if timeout_milliseconds is null or timeout_milliseconds <= 0 then
+        raise exception 'timeout_milliseconds must be a positive number of milliseconds, got %',
+            coalesce(timeout_milliseconds::text, 'NULL')
+            using errcode = 'invalid_parameter_value';
+    end if;
+    if params is not null and jsonb_typeof(params) <> 'object' then
+        raise exception 'params must be a JSON object, got %', jsonb_typeof(params)
+            using errcode = 'invalid_parameter_value';
+    end if;
+
+    select coalesce(array_agg(net._urlencode_string(key) || '=' || net._urlencode_string(value)), '{}')
+    into params_array
+    from jsonb_each_text(coalesce(params, '{}'::jsonb));
+
+    insert into net.http_request_queue(method, url, headers, body, timeout_milliseconds)
+    values (
+        upper(method),
+        net._encode_url_with_params_array(url, params_array),
+        net._normalize_headers(headers),
+        body,
+        timeout_milliseconds
+    )
+    returning id into request_id;
+
+    -- Delivered at commit, and collapsed to one per transaction by PostgreSQL.
+    perform pg_notify('pgnet_curl_wake', '');
+    return request_id;
+end
+$$;
+
+create or replace function net.http_get(
+    url text,
+    params jsonb default '{}'::jsonb,
+    headers jsonb default '{}'::jsonb,
+    timeout_milliseconds int default 5000
+)
+    returns bigint
+    language sql
+    volatile
+as $$
+    select net._queue_request('GET', url, params, headers, null, timeout_milliseconds)
+$$;
+
+create or replace function net.http_post(
+    url text,
+    body jsonb default '{}'::jsonb,
+    params jsonb default '{}'::jsonb,
+    headers jsonb default '{"Content-Type": "application/json"}'::jsonb,
+    timeout_milliseconds int default 5000
+)
+    returns bigint
+    language plpgsql
+    volatile
+as $$
+declare
+    content_type text;
+begin
+    select header_value into content_type
+    from jsonb_each_text(coalesce(headers, '{}'::jsonb)) as h(header_name, header_value)
+    where lower(header_name) = 'content-type'
+    limit 1;
+
+    if content_type is null then
+        headers := coalesce(headers, '{}'::jsonb) || '{"Content-Type": "application/json"}'::jsonb;
+    elsif content_type <> 'application/json' then
+        raise exception 'Content-Type header must be "application/json"'
+            using errcode = 'invalid_parameter_value',
+                  hint = 'net.http_post sends JSON bodies only, as pg_net does';
+    end if;
+
+    return net._queue_request('POST', url, params, headers, convert_to(body::text, 'UTF8'), timeout_milliseconds);
+end
+$$;
+
+create or replace function net.http_delete(
+    url text,
+    params jsonb default '{}'::jsonb,
+    headers jsonb default '{}'::jsonb,
+    timeout_milliseconds int default 5000,
+    body jsonb default null
+)
+    returns bigint
+    language sql
+    volatile
+as $$
+    select net._queue_request('DELETE', url, params, headers, convert_to(body::text, 'UTF8'), timeout_milliseconds)
+$$;
+
+-- Block until the request has its response row (bounded by statement_timeout).
+create or replace function net._await_response(request_id bigint)
+    returns bool
+    language plpgsql
+    volatile
+    parallel unsafe
+as $$
+begin
+    while not exists (select 1 from net._http_response r where r.id = request_id) loop
+        perform pg_sleep(0.01);
+    end loop;
+    return true;
+end
+$$;
+
+create or replace function net._http_collect_response(request_id bigint, async bool default true)
+    returns net.http_response_result
+    language plpgsql
+    volatile
+    parallel unsafe
+as $$
+declare
+    rec net._http_response;
+begin
+    if not async then
+        perform net._await_response(request_id);
+    end if;
+
+    select * into rec from net._http_response r where r.id = request_id;
+
+    if rec is null then
+        if exists (select 1 from net.http_request_queue q where q.id = request_id) then
+            return ('PENDING', 'request is pending processing', null)::net.http_response_result;
+        end if;
+        return ('ERROR', 'request matching request_id not found', null)::net.http_response_result;
+    end if;
+    if rec.error_msg is not null then
+        return ('ERROR', rec.error_msg, null)::net.http_response_result;
+    end if;
+    return ('SUCCESS', 'ok', (rec.status_code, rec.headers, rec.content)::net.http_response)::net.http_response_result;
+end
+$$;
+
+-- Deprecated in pg_net (whose body is broken there); ours warns and works.
+create or replace function net.http_collect_response(request_id bigint, async bool default true)
+    returns net.http_response_result
+    language plpgsql
+    volatile
+    parallel unsafe
+as $$
+begin
+    raise notice 'The net.http_collect_response function is deprecated.';
+    return net._http_collect_response(request_id, async);
+end
+$$;
+
+create or replace function net.wake()
+    returns void
+    language sql
+    volatile
+as $$
+    select pg_notify('pgnet_curl_wake', '')
+$$;
+
+-- Ask every worker serving this database to re-read its settings and reconnect.
+create or replace function net.worker_restart()
+    returns bool
+    language plpgsql
+    volatile
+as $$
+begin
+    perform pg_notify('pgnet_curl_control', 'restart');
+    return exists (
+        select 1 from pg_stat_activity
+        where datname = current_database() and application_name like 'pgnet-curl%'
+    );
+end
+$$;
+
+create or replace function net.check_worker_is_up()
+    returns void
+    language plpgsql
+    volatile
+as $$
+begin
+    if not exists (
+        select 1 from pg_stat_activity
+        where datname = current_database() and application_name like 'pgnet-curl%'
+    ) then
+        raise exception using
+            message = 'the pg_net background worker is not up',
+            detail = format('no pgnet-curl worker is connected to database %I', current_database()),
+            hint = 'start one with: pgnet-curl serve --dsn <this database>';
+    end if;
+end
+$$;
+
+-- Wait until a worker is connected (bounded by statement_timeout).
+create or replace function net.wait_until_running()
+    returns void
+    language plpgsql
+    volatile
+as $$
+begin
+    while not exists (
+        select 1 from pg_stat_activity
+        where datname = current_database() and application_name like 'pgnet-curl%'
+    ) loop
+        perform pg_sleep(0.05);
+    end loop;
+end
+$$;
+comment on function net.wait_until_running() is 'waits until the worker is running';
+
+grant usage on schema net to public;
+grant all on all tables in schema net to public;
+grant all on all sequences in schema net to public;
+
+insert into net._schema_migrations(version) values (1) on conflict do nothing;

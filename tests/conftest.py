@@ -1,0 +1,100 @@
+"""Fixtures: a real PostgreSQL (PGNET_TEST_DSN or the embedded one), a fresh database per
+test cloned from a template holding the net schema, and a loopback HTTP server."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from pgnet_curl import schema  # noqa: E402
+
+TEMPLATE_DB = "pgnet_test_template"
+_db_numbers = itertools.count(1)
+
+
+class PgServer:
+    """An admin DSN to a server the tests may create and drop databases on."""
+
+    def __init__(self, admin_dsn: str, embedded=None):
+        self.admin_dsn = admin_dsn
+        self.embedded = embedded
+
+    def dsn_for(self, dbname: str) -> str:
+        params = conninfo_to_dict(self.admin_dsn)
+        params["dbname"] = dbname
+        return make_conninfo(**params)
+
+    def admin(self) -> psycopg.Connection:
+        return psycopg.connect(self.admin_dsn, autocommit=True)
+
+    def create_database(self, dbname: str, template: str | None = TEMPLATE_DB) -> str:
+        with self.admin() as conn:
+            conn.execute(f'drop database if exists "{dbname}" with (force)')
+            clause = f' template "{template}"' if template else ""
+            conn.execute(f'create database "{dbname}"{clause}')
+        return self.dsn_for(dbname)
+
+    def drop_database(self, dbname: str) -> None:
+        with self.admin() as conn:
+            conn.execute(f'drop database if exists "{dbname}" with (force)')
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory) -> PgServer:
+    """The session's PostgreSQL server, with a template database holding the net schema."""
+    embedded = None
+    admin_dsn = os.environ.get("PGNET_TEST_DSN")
+    if not admin_dsn:
+        from pgnet_curl.embedded import EmbeddedPostgres
+
+        embedded = EmbeddedPostgres(tmp_path_factory.mktemp("pg"), port=0, fast_unsafe=True)
+        admin_dsn = embedded.start()
+    server = PgServer(admin_dsn, embedded)
+    with server.admin() as conn:
+        conn.execute(f'drop database if exists "{TEMPLATE_DB}" with (force)')
+        conn.execute(f'create database "{TEMPLATE_DB}"')
+    schema.install(server.dsn_for(TEMPLATE_DB))
+    yield server
+    server.drop_database(TEMPLATE_DB)
+    if embedded:
+        embedded.stop("immediate")
+
+
+@pytest.fixture
+def db_dsn(pg_server) -> str:
+    """DSN of a fresh database with the net schema installed, dropped after the test."""
+    dbname = f"pgnet_test_{os.getpid()}_{next(_db_numbers)}"
+    yield pg_server.create_database(dbname)
+    pg_server.drop_database(dbname)
+
+
+@pytest.fixture
+def empty_db_dsn(pg_server) -> str:
+    """DSN of a fresh database without the net schema."""
+    dbname = f"pgnet_empty_{os.getpid()}_{next(_db_numbers)}"
+    yield pg_server.create_database(dbname, template="template1")
+    pg_server.drop_database(dbname)
+
+
+@pytest.fixture
+def db(db_dsn) -> psycopg.Connection:
+    """An autocommit connection to the test's fresh database."""
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture(scope="session")
+def http_server():
+    """A loopback HTTP server (tests/http_server.py) shared by the session."""
+    from http_server import HttpTestServer
+
+    with HttpTestServer() as server:
+        yield server

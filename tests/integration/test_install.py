@@ -1,0 +1,129 @@
+"""Installing, upgrading and removing the schema, from Python and from the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import psycopg
+import pytest
+
+from pgnet_curl import schema
+
+CLI = [sys.executable, "-m", "pgnet_curl"]
+
+
+def run_cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, input=input, timeout=60)
+
+
+def net_objects(dsn: str) -> list[tuple]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(
+            """select 'function', p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')'
+               from pg_proc p where p.pronamespace = (select oid from pg_namespace where nspname = 'net')
+               union all select 'relation', relname from pg_class where relnamespace = (select oid from pg_namespace where nspname = 'net')
+               union all select 'type', typname from pg_type
+                 where typnamespace = (select oid from pg_namespace where nspname = 'net') and typname not like '\\_%%' and typrelid = 0
+               order by 1, 2"""
+        ).fetchall()
+
+
+def test_install_into_empty_database_then_again_keeps_data(empty_db_dsn):
+    assert schema.install(empty_db_dsn) == schema.latest_version()
+    before = net_objects(empty_db_dsn)
+    with psycopg.connect(empty_db_dsn, autocommit=True) as conn:
+        conn.execute("select net.http_get('http://127.0.0.1:9/')")
+        conn.execute("insert into net._http_response(id, status_code) values (1, 200)")
+    assert schema.install(empty_db_dsn) == schema.latest_version()
+    assert net_objects(empty_db_dsn) == before
+    with psycopg.connect(empty_db_dsn) as conn:
+        assert conn.execute("select count(*) from net.http_request_queue").fetchone()[0] == 1
+        assert conn.execute("select count(*) from net._http_response").fetchone()[0] == 1
+        assert conn.execute("select net.http_get('http://127.0.0.1:9/')").fetchone()[0] == 2
+
+
+def test_concurrent_installs_do_not_collide(empty_db_dsn):
+    failures = []
+
+    def install():
+        try:
+            schema.install(empty_db_dsn)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=install) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
+def test_durable_install_makes_tables_logged_and_keeps_that(empty_db_dsn):
+    schema.install(empty_db_dsn, durable=True)
+    schema.install(empty_db_dsn)  # no flag: an existing install keeps its persistence
+    with psycopg.connect(empty_db_dsn) as conn:
+        kinds = dict(conn.execute(
+            "select relname, relpersistence from pg_class where relname in ('http_request_queue', '_http_response')"
+        ).fetchall())
+    assert kinds == {"http_request_queue": "p", "_http_response": "p"}
+    schema.install(empty_db_dsn, durable=False)
+    with psycopg.connect(empty_db_dsn) as conn:
+        assert conn.execute("select relpersistence from pg_class where relname = 'http_request_queue'").fetchone()[0] == "u"
+
+
+def test_cli_install_and_uninstall(empty_db_dsn):
+    result = run_cli("install", "--dsn", empty_db_dsn)
+    assert result.returncode == 0, result.stderr
+    assert f"net schema version {schema.latest_version()} installed" in result.stdout
+    assert ("relation", "http_request_queue") in net_objects(empty_db_dsn)
+
+    refused = run_cli("uninstall", "--dsn", empty_db_dsn, input="n\n")
+    assert refused.returncode != 0
+    assert ("relation", "http_request_queue") in net_objects(empty_db_dsn)
+
+    result = run_cli("uninstall", "--dsn", empty_db_dsn, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert net_objects(empty_db_dsn) == []
+
+    # A reinstall starts request ids at 1 again.
+    schema.install(empty_db_dsn)
+    with psycopg.connect(empty_db_dsn) as conn:
+        assert conn.execute("select net.http_get('http://127.0.0.1:9/')").fetchone()[0] == 1
+
+
+def test_cli_install_reads_dsn_from_environment(empty_db_dsn):
+    import os
+
+    env = {**os.environ, "DATABASE_URL": empty_db_dsn}
+    env.pop("PGNET_DSN", None)
+    result = subprocess.run([*CLI, "install"], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert ("relation", "http_request_queue") in net_objects(empty_db_dsn)
+
+
+def test_printed_sql_installs_the_same_schema(empty_db_dsn, db_dsn):
+    result = run_cli("sql")
+    assert result.returncode == 0
+    with psycopg.connect(empty_db_dsn, autocommit=True) as conn:
+        conn.execute(result.stdout.encode())
+        conn.execute(result.stdout.encode())  # twice: the script is idempotent
+    assert net_objects(empty_db_dsn) == net_objects(db_dsn)
+
+
+def test_cli_install_with_bad_dsn_says_so():
+    result = run_cli("install", "--dsn", "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
+    assert result.returncode == 4
+    assert "could not install the net schema" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_embedded_server_adopts_a_running_cluster(pg_server):
+    if pg_server.embedded is None:
+        pytest.skip("PGNET_TEST_DSN names an external server")
+    from pgnet_curl.embedded import EmbeddedPostgres
+
+    again = EmbeddedPostgres(pg_server.embedded.data_dir)
+    assert again.start() == pg_server.embedded.dsn

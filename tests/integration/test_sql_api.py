@@ -1,0 +1,305 @@
+"""The net schema behaves like pg_net 0.20 at call time: signatures, encoding, rules, NOTIFY."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from psycopg import errors
+
+# pg_get_function_arguments / pg_get_function_result as pg_net 0.20 prints them.
+PG_NET_SIGNATURES = {
+    "http_get": ("url text, params jsonb DEFAULT '{}'::jsonb, headers jsonb DEFAULT '{}'::jsonb, "
+                 "timeout_milliseconds integer DEFAULT 5000", "bigint"),
+    "http_post": ("url text, body jsonb DEFAULT '{}'::jsonb, params jsonb DEFAULT '{}'::jsonb, "
+                  "headers jsonb DEFAULT '{\"Content-Type\": \"application/json\"}'::jsonb, "
+                  "timeout_milliseconds integer DEFAULT 5000", "bigint"),
+    "http_delete": ("url text, params jsonb DEFAULT '{}'::jsonb, headers jsonb DEFAULT '{}'::jsonb, "
+                    "timeout_milliseconds integer DEFAULT 5000, body jsonb DEFAULT NULL::jsonb", "bigint"),
+    "_http_collect_response": ("request_id bigint, async boolean DEFAULT true", "net.http_response_result"),
+    "http_collect_response": ("request_id bigint, async boolean DEFAULT true", "net.http_response_result"),
+    "_await_response": ("request_id bigint", "boolean"),
+    "wake": ("", "void"),
+    "worker_restart": ("", "boolean"),
+    "wait_until_running": ("", "void"),
+    "check_worker_is_up": ("", "void"),
+    "_urlencode_string": ("string character varying", "text"),
+    "_encode_url_with_params_array": ("url text, params_array text[]", "text"),
+}
+
+PG_NET_COLUMNS = {
+    "http_request_queue": [("id", "bigint"), ("method", "http_method"), ("url", "text"),
+                           ("headers", "jsonb"), ("body", "bytea"), ("timeout_milliseconds", "integer")],
+    "_http_response": [("id", "bigint"), ("status_code", "integer"), ("content_type", "text"),
+                       ("headers", "jsonb"), ("content", "text"), ("timed_out", "boolean"),
+                       ("error_msg", "text"), ("created", "timestamp with time zone")],
+}
+
+
+def queued(db) -> list[tuple]:
+    return db.execute(
+        "select id, method, url, headers, body, timeout_milliseconds from net.http_request_queue order by id"
+    ).fetchall()
+
+
+def test_functions_match_pg_net_signatures(db):
+    rows = db.execute(
+        """select p.proname, pg_get_function_arguments(p.oid), pg_get_function_result(p.oid)
+           from pg_proc p join pg_namespace n on n.oid = p.pronamespace where n.nspname = 'net'"""
+    ).fetchall()
+    found = {name: (args, result) for name, args, result in rows}
+    for name, expected in PG_NET_SIGNATURES.items():
+        assert found.get(name) == expected, name
+
+
+def test_tables_keep_pg_net_columns_and_types(db):
+    for table, expected in PG_NET_COLUMNS.items():
+        rows = db.execute(
+            """select attname, format_type(atttypid, null) from pg_attribute
+               where attrelid = %s::regclass and attnum > 0 and not attisdropped order by attnum""",
+            (f"net.{table}",),
+        ).fetchall()
+        assert [(name, typ.replace("net.", "")) for name, typ in rows[: len(expected)]] == expected
+
+
+def test_types_match_pg_net(db):
+    labels = db.execute("select enum_range(null::net.request_status)::text").fetchone()[0]
+    assert labels == "{PENDING,SUCCESS,ERROR}"
+    composite = db.execute(
+        "select (200, '{}'::jsonb, 'b')::net.http_response, ('SUCCESS', 'ok', null)::net.http_response_result"
+    ).fetchone()
+    assert composite is not None
+
+
+def test_tables_are_unlogged_by_default(db):
+    kinds = db.execute(
+        "select relname, relpersistence from pg_class where relname in ('http_request_queue', '_http_response')"
+    ).fetchall()
+    assert dict(kinds) == {"http_request_queue": "u", "_http_response": "u"}
+
+
+def test_request_ids_start_at_one_and_defaults_apply(db):
+    assert db.execute("select net.http_get('http://127.0.0.1:9/a')").fetchone()[0] == 1
+    assert db.execute("select net.http_post('http://127.0.0.1:9/b')").fetchone()[0] == 2
+    assert db.execute("select net.http_delete('http://127.0.0.1:9/c')").fetchone()[0] == 3
+    assert queued(db) == [
+        (1, "GET", "http://127.0.0.1:9/a", {}, None, 5000),
+        (2, "POST", "http://127.0.0.1:9/b", {"Content-Type": "application/json"}, b"{}", 5000),
+        (3, "DELETE", "http://127.0.0.1:9/c", {}, None, 5000),
+    ]
+
+
+@pytest.mark.parametrize(
+    "url, params, expected",
+    [
+        ("http://h/p", {"b c": "d"}, "http://h/p?b%20c=d"),
+        ("http://h/p", {"x": "!"}, "http://h/p?x=%21"),
+        ("http://h/p", {"q": "é☃"}, "http://h/p?q=%C3%A9%E2%98%83"),
+        ("http://h/p", {"k": "a&b=c?d/e#f+g%"}, "http://h/p?k=a%26b%3Dc%3Fd%2Fe%23f%2Bg%25"),
+        ("http://h/p", {"safe": "AZaz09-._~"}, "http://h/p?safe=AZaz09-._~"),
+        ("http://h/p?a=1", {"b": "2"}, "http://h/p?a=1&b=2"),
+        ("http://h/p?", {"b": "2"}, "http://h/p?b=2"),
+        ("http://h/p#frag", {"b": "2"}, "http://h/p?b=2#frag"),
+        ("http://h/p?a=1", {}, "http://h/p?a=1"),
+    ],
+)
+def test_params_are_url_encoded_and_appended(db, url, params, expected):
+    db.execute("select net.http_get(%s, %s::jsonb)", (url, psycopg.types.json.Jsonb(params)))
+    assert queued(db)[-1][2] == expected
+
+
+def test_two_params_are_joined_with_ampersand(db):
+    db.execute("""select net.http_get('http://h/p', '{"a": "1", "b": "x y"}')""")
+    url = queued(db)[-1][2]
+    assert url in ("http://h/p?a=1&b=x%20y", "http://h/p?b=x%20y&a=1")
+
+
+def test_urlencode_string_matches_curl_escape(db):
+    rows = db.execute(
+        "select net._urlencode_string('a b'), net._urlencode_string(''), net._urlencode_string(null), "
+        "net._encode_url_with_params_array('http://h', array['a=1', 'b=2'])"
+    ).fetchone()
+    assert rows == ("a%20b", "", None, "http://h?a=1&b=2")
+
+
+def test_post_adds_json_content_type_when_missing(db):
+    db.execute("""select net.http_post('http://h/p', '{"k": [1, "é"]}', headers => '{"X-A": "1"}')""")
+    _, method, _, headers, body, _ = queued(db)[-1]
+    assert method == "POST"
+    assert headers == {"X-A": "1", "Content-Type": "application/json"}
+    assert body == '{"k": [1, "é"]}'.encode("utf-8")
+
+
+def test_post_accepts_explicit_json_content_type_in_any_header_case(db):
+    db.execute("""select net.http_post('http://h/p', '{}', headers => '{"content-type": "application/json"}')""")
+    assert queued(db)[-1][3] == {"content-type": "application/json"}
+
+
+def test_post_rejects_other_content_types(db):
+    with pytest.raises(errors.InvalidParameterValue, match='Content-Type header must be "application/json"'):
+        db.execute("""select net.http_post('http://h/p', '{}', headers => '{"Content-Type": "text/plain"}')""")
+    assert queued(db) == []
+
+
+def test_delete_stores_optional_body(db):
+    db.execute("""select net.http_delete('http://h/p', body => '{"id": 7}')""")
+    assert queued(db)[-1][4] == b'{"id": 7}'
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("not a url", 'invalid URL "not a url"'),
+        ("http://", 'invalid URL "http://"'),
+        ("http://exa mple.com/", 'invalid URL "http://exa mple.com/"'),
+        ("http://127.0.0.1:99999/", 'invalid URL "http://127.0.0.1:99999/"'),
+        ("ftp://127.0.0.1/file", 'unsupported URL scheme "ftp" in "ftp://127.0.0.1/file"'),
+        ("file:///etc/passwd", 'unsupported URL scheme "file" in "file:///etc/passwd"'),
+        ("127.0.0.1/no-scheme", 'invalid URL "127.0.0.1/no-scheme"'),
+    ],
+)
+def test_invalid_urls_raise_and_queue_nothing(db, url, message):
+    with pytest.raises(errors.InvalidParameterValue) as excinfo:
+        db.execute("select net.http_get(%s)", (url,))
+    assert message in str(excinfo.value)
+    assert queued(db) == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1/", "https://localhost:8443/a/b?c=d#e", "HTTP://127.0.0.1", "http://[::1]:80/x",
+     "http://user:pw@127.0.0.1/"],
+)
+def test_valid_urls_are_queued(db, url):
+    db.execute("select net.http_get(%s)", (url,))
+    assert queued(db)[-1][2] == url
+
+
+def test_null_url_raises(db):
+    with pytest.raises(errors.NullValueNotAllowed, match="url must not be null"):
+        db.execute("select net.http_get(null)")
+
+
+@pytest.mark.parametrize(
+    "headers, message",
+    [
+        ('["a"]', "headers must be a JSON object"),
+        ('{"X-A": {"nested": 1}}', 'header "X-A" must have a string value'),
+        ('{"X-A": null}', 'header "X-A" must have a string value'),
+        ('{"Bad Name": "v"}', 'header "Bad Name" has an invalid name'),
+        ('{"X-A": "v\\r\\nInjected: 1"}', 'header "X-A" has an invalid name or a line break'),
+    ],
+)
+def test_bad_headers_raise(db, headers, message):
+    with pytest.raises(errors.InvalidParameterValue, match=message):
+        db.execute("select net.http_get('http://h/', headers => %s::jsonb)", (headers,))
+    assert queued(db) == []
+
+
+def test_number_and_boolean_header_values_become_text(db):
+    db.execute("""select net.http_get('http://h/', headers => '{"X-N": 5, "X-B": true}')""")
+    assert queued(db)[-1][3] == {"X-N": "5", "X-B": "true"}
+
+
+@pytest.mark.parametrize("timeout", [0, -1])
+def test_non_positive_timeout_raises(db, timeout):
+    with pytest.raises(errors.InvalidParameterValue, match="timeout_milliseconds must be a positive"):
+        db.execute("select net.http_get('http://h/', timeout_milliseconds => %s)", (timeout,))
+
+
+def test_any_method_token_is_a_valid_http_method(db):
+    db.execute("select 'PATCH'::net.http_method, 'options'::net.http_method")
+    with pytest.raises(errors.CheckViolation):
+        db.execute("select 'BAD METHOD'::net.http_method")
+
+
+def listener(dsn: str) -> psycopg.Connection:
+    conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute("listen pgnet_curl_wake")
+    return conn
+
+
+def notifications(conn: psycopg.Connection) -> list:
+    """Collect what has arrived, after a round trip that flushes anything already sent."""
+    conn.execute("select 1")
+    return list(conn.notifies(timeout=0.2, stop_after=100))
+
+
+def test_one_notify_per_committed_transaction_none_on_rollback(db_dsn):
+    with listener(db_dsn) as listen, psycopg.connect(db_dsn) as conn:
+        for _ in range(3):
+            conn.execute("select net.http_get('http://127.0.0.1:9/')")
+        assert notifications(listen) == [], "nothing before commit"
+        conn.commit()
+        got = notifications(listen)
+        assert [n.channel for n in got] == ["pgnet_curl_wake"]
+
+        conn.execute("select net.http_post('http://127.0.0.1:9/')")
+        conn.rollback()
+        assert notifications(listen) == []
+
+        conn.execute("select net.http_get('http://127.0.0.1:9/')")
+        conn.commit()
+        assert len(notifications(listen)) == 1
+
+        count = conn.execute("select count(*) from net.http_request_queue").fetchone()[0]
+        assert count == 4, "the rolled-back request was not queued"
+
+
+def test_wake_notifies(db_dsn):
+    with listener(db_dsn) as listen, psycopg.connect(db_dsn, autocommit=True) as conn:
+        conn.execute("select net.wake()")
+        assert len(notifications(listen)) == 1
+
+
+def test_collect_response_states(db):
+    request_id = db.execute("select net.http_get('http://127.0.0.1:9/')").fetchone()[0]
+    assert db.execute("select (net._http_collect_response(%s)).*", (request_id,)).fetchone()[:2] == (
+        "PENDING", "request is pending processing")
+    assert db.execute("select (net._http_collect_response(12345)).*").fetchone()[:2] == (
+        "ERROR", "request matching request_id not found")
+
+    db.execute("delete from net.http_request_queue")
+    db.execute("""insert into net._http_response(id, status_code, headers, content, timed_out)
+                  values (%s, 201, '{"A": "b"}', 'hello', false)""", (request_id,))
+    status, message, response = db.execute(
+        "select (r).status::text, (r).message, (r).response::text from net._http_collect_response(%s, false) r",
+        (request_id,),
+    ).fetchone()
+    assert (status, message) == ("SUCCESS", "ok")
+    assert response == '(201,"{""A"": ""b""}",hello)'
+
+    db.execute("insert into net._http_response(id, timed_out, error_msg) values (99, false, 'Couldn''t connect to server')")
+    assert db.execute("select (net._http_collect_response(99)).message").fetchone()[0] == "Couldn't connect to server"
+
+
+def test_deprecated_collect_response_warns_and_works(db):
+    db.execute("insert into net._http_response(id, status_code, content) values (5, 200, 'x')")
+    notices = []
+    db.add_notice_handler(lambda diag: notices.append(diag.message_primary))
+    result = db.execute("select (net.http_collect_response(5)).status::text").fetchone()[0]
+    assert result == "SUCCESS"
+    assert notices == ["The net.http_collect_response function is deprecated."]
+
+
+def test_check_worker_is_up_and_wait_until_running(db, db_dsn):
+    with pytest.raises(errors.RaiseException, match="the pg_net background worker is not up"):
+        db.execute("select net.check_worker_is_up()")
+    assert db.execute("select net.worker_restart()").fetchone()[0] is False
+    with psycopg.connect(db_dsn, application_name="pgnet-curl worker test"):
+        db.execute("set statement_timeout = '5s'")
+        db.execute("select net.wait_until_running()")
+        db.execute("select net.check_worker_is_up()")
+        assert db.execute("select net.worker_restart()").fetchone()[0] is True
+
+
+def test_worker_restart_sends_control_notify(db_dsn):
+    with psycopg.connect(db_dsn, autocommit=True) as listen, psycopg.connect(db_dsn, autocommit=True) as conn:
+        listen.execute("listen pgnet_curl_control")
+        conn.execute("select net.worker_restart()")
+        got = notifications(listen)
+        assert [(n.channel, n.payload) for n in got] == [("pgnet_curl_control", "restart")]
+
+
+def test_await_response_returns_once_row_exists(db):
+    db.execute("insert into net._http_response(id, status_code) values (3, 200)")
+    assert db.execute("select net._await_response(3)").fetchone()[0] is True
