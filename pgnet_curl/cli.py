@@ -53,6 +53,44 @@ def sql(durable: bool) -> None:
     click.echo(schema.install_script(durable), nl=False)
 
 
+def _serve_options(function):
+    """Attach serve's tuning flags, each also readable from a PGNET_* environment variable."""
+    options = [
+        ("--workers", int, "Worker processes (default: one per core)."),
+        ("--max-inflight", int, "Requests in flight per worker at most (default 1000)."),
+        ("--batch-size", int, "Rows claimed per query; overrides pg_net.batch_size (default 200)."),
+        ("--ttl", str, "Keep responses this long; overrides pg_net.ttl (default '6 hours')."),
+        ("--lease-grace", float, "Seconds a claim outlives its request's timeout (default 30)."),
+        ("--write-batch-size", int, "Responses written per statement at most (default 500)."),
+        ("--flush-interval-ms", float, "Longest wait before writing finished responses (default 5)."),
+        ("--poll-interval", float, "Seconds between safety polls of the queue (default 5)."),
+        ("--drain-timeout", float, "Seconds in-flight requests get on shutdown (default 10)."),
+        ("--max-redirects", int, "Redirects followed per request (default 10)."),
+        ("--max-host-connections", int, "Connections per destination host (default: no limit)."),
+    ]
+    for flag, kind, text in reversed(options):
+        envvar = "PGNET_" + flag[2:].replace("-", "_").upper()
+        function = click.option(flag, type=kind, envvar=envvar, show_envvar=True, help=text)(function)
+    return function
+
+
+@cli.command()
+@dsn_option(required=False)
+@_serve_options
+@click.option("--data-dir", type=click.Path(file_okay=False), envvar="PGNET_DATA_DIR", show_envvar=True,
+              help="Where the embedded PostgreSQL keeps its data when no DSN is given.")
+@click.option("--install", "install_schema", is_flag=True, envvar="PGNET_INSTALL",
+              help="Install or upgrade the net schema before serving.")
+def serve(dsn, data_dir, install_schema, **tuning) -> None:
+    """Send the requests queued in the database and store their responses.
+
+    With no DSN, starts an embedded PostgreSQL in --data-dir and serves that.
+    """
+    from .serve import serve as run_serve
+
+    sys.exit(run_serve(dsn=dsn, data_dir=data_dir, install_schema=install_schema, tuning=tuning))
+
+
 def main() -> None:
     """Run the CLI, turning our errors into a message and a meaningful exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,191 @@
+"""Drive many HTTP transfers through one pycurl CurlMulti with socket and timer callbacks.
+
+The driver knows nothing of the database: the caller adds Requests, forwards socket events
+and timeouts from its own event loop, and takes finished Responses.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Callable
+
+import pycurl
+
+from . import PG_NET_COMPAT_VERSION, __version__
+from .model import Request, Response
+from .response import curl_error_text, decode_body, parse_final_headers, timeout_message
+
+USER_AGENT = f"pg_net/{PG_NET_COMPAT_VERSION} (pgnet-curl/{__version__})"
+_HTTP_ONLY = pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS
+# Easy handles kept for reuse; beyond this, finished handles are closed.
+_MAX_IDLE_HANDLES = 256
+
+WatchFd = Callable[[int, int], None]
+"""watch_fd(fd, what): what is pycurl.POLL_IN, POLL_OUT, POLL_INOUT or POLL_REMOVE."""
+
+
+class _Transfer:
+    """One request in flight and the buffers libcurl writes its answer into."""
+
+    __slots__ = ("request", "headers", "body", "started_s")
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.headers = io.BytesIO()
+        self.body = io.BytesIO()
+        self.started_s = time.monotonic()
+
+
+class CurlDriver:
+    """A CurlMulti whose sockets and timer are watched by the caller's event loop."""
+
+    def __init__(self, watch_fd: WatchFd, max_redirects: int = 10, max_host_connections: int = 0,
+                 max_total_connections: int = 0):
+        self._watch_fd = watch_fd
+        self._multi = pycurl.CurlMulti()
+        self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
+        self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
+        if max_host_connections:
+            self._multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, max_host_connections)
+        if max_total_connections:
+            self._multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, max_total_connections)
+            self._multi.setopt(pycurl.M_MAXCONNECTS, max_total_connections)
+        self._max_redirects = max_redirects
+        self._transfers: dict[pycurl.Curl, _Transfer] = {}
+        self._idle_handles: list[pycurl.Curl] = []
+        self._finished: list[Response] = []
+        # Monotonic time at which libcurl wants socket_action(SOCKET_TIMEOUT), or None.
+        self.timer_deadline_s: float | None = None
+
+    @property
+    def inflight(self) -> int:
+        return len(self._transfers)
+
+    def add(self, request: Request) -> None:
+        """Start sending a request; its Response comes out of take_finished()."""
+        handle = self._idle_handles.pop() if self._idle_handles else pycurl.Curl()
+        transfer = _Transfer(request)
+        try:
+            self._configure(handle, transfer)
+        except (pycurl.error, TypeError, ValueError, UnicodeEncodeError) as exc:
+            handle.reset()
+            self._idle_handles.append(handle)
+            self._finished.append(Response(request.id, error_msg=f"Invalid request: {exc}",
+                                           method=request.method))
+            return
+        self._transfers[handle] = transfer
+        self._multi.add_handle(handle)
+
+    def _configure(self, handle: pycurl.Curl, transfer: _Transfer) -> None:
+        request = transfer.request
+        setopt = handle.setopt
+        setopt(pycurl.URL, request.url)
+        setopt(pycurl.WRITEFUNCTION, transfer.body.write)
+        setopt(pycurl.HEADERFUNCTION, transfer.headers.write)
+        setopt(pycurl.NOSIGNAL, 1)
+        setopt(pycurl.TIMEOUT_MS, request.timeout_ms)
+        setopt(pycurl.FOLLOWLOCATION, 1)
+        setopt(pycurl.MAXREDIRS, self._max_redirects)
+        setopt(pycurl.PROTOCOLS, _HTTP_ONLY)
+        setopt(pycurl.REDIR_PROTOCOLS, _HTTP_ONLY)
+        setopt(pycurl.USERAGENT, USER_AGENT)
+        if request.headers:
+            # "Name;" is libcurl's way to send a header with an empty value.
+            setopt(pycurl.HTTPHEADER, [
+                f"{name}: {value}" if value != "" else f"{name};"
+                for name, value in request.headers.items()
+            ])
+        method = request.method
+        if request.body is not None:
+            setopt(pycurl.POSTFIELDSIZE_LARGE, len(request.body))
+            setopt(pycurl.COPYPOSTFIELDS, request.body)
+            if method != "POST":
+                setopt(pycurl.CUSTOMREQUEST, method)
+        elif method == "HEAD":
+            setopt(pycurl.NOBODY, 1)
+        elif method != "GET":
+            setopt(pycurl.CUSTOMREQUEST, method)
+
+    def socket_event(self, fd: int, readable: bool, writable: bool) -> None:
+        """Tell libcurl that fd is ready."""
+        mask = (pycurl.CSELECT_IN if readable else 0) | (pycurl.CSELECT_OUT if writable else 0)
+        self._multi.socket_action(fd, mask)
+
+    def timer_event(self) -> None:
+        """Run libcurl's timeouts; call when timer_deadline_s has passed."""
+        self.timer_deadline_s = None
+        self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+
+    def take_finished(self) -> list[Response]:
+        """Return the responses of every transfer that ended since the last call."""
+        while True:
+            queued, succeeded, failed = self._multi.info_read()
+            for handle in succeeded:
+                self._finish(handle, 0, "")
+            for handle, code, message in failed:
+                self._finish(handle, code, message)
+            if not queued:
+                break
+        finished, self._finished = self._finished, []
+        return finished
+
+    def abort_all(self) -> list[Request]:
+        """Stop every transfer in flight and return their requests (nothing is answered)."""
+        requests = []
+        for handle, transfer in list(self._transfers.items()):
+            self._multi.remove_handle(handle)
+            handle.close()
+            requests.append(transfer.request)
+        self._transfers.clear()
+        return requests
+
+    def close(self) -> None:
+        self.abort_all()
+        for handle in self._idle_handles:
+            handle.close()
+        self._idle_handles.clear()
+        self._multi.close()
+
+    def _finish(self, handle: pycurl.Curl, code: int, message: str) -> None:
+        transfer = self._transfers.pop(handle)
+        self._multi.remove_handle(handle)
+        self._finished.append(self._response(handle, transfer, code, message))
+        if len(self._idle_handles) < _MAX_IDLE_HANDLES:
+            handle.reset()
+            self._idle_handles.append(handle)
+        else:
+            handle.close()
+
+    def _response(self, handle: pycurl.Curl, transfer: _Transfer, code: int, message: str) -> Response:
+        request = transfer.request
+        duration_s = time.monotonic() - transfer.started_s
+        if code == pycurl.E_OPERATION_TIMEDOUT:
+            info = handle.getinfo
+            return Response(
+                request.id, timed_out=True, duration_s=duration_s, method=request.method,
+                error_msg=timeout_message(
+                    request.timeout_ms, info(pycurl.NAMELOOKUP_TIME), info(pycurl.CONNECT_TIME),
+                    info(pycurl.APPCONNECT_TIME), info(pycurl.PRETRANSFER_TIME), info(pycurl.TOTAL_TIME),
+                ),
+            )
+        if code:
+            return Response(request.id, error_msg=curl_error_text(code, message),
+                            duration_s=duration_s, method=request.method)
+        content_type = handle.getinfo(pycurl.CONTENT_TYPE)
+        return Response(
+            request.id,
+            status_code=handle.getinfo(pycurl.RESPONSE_CODE),
+            content_type=content_type,
+            headers=parse_final_headers(transfer.headers.getvalue()),
+            content=decode_body(transfer.body.getvalue(), content_type),
+            duration_s=duration_s,
+            method=request.method,
+        )
+
+    # libcurl callbacks: only record what libcurl asks for; never call back into libcurl here.
+    def _on_socket(self, what: int, fd: int, multi, socketp) -> None:
+        self._watch_fd(fd, what)
+
+    def _on_timer(self, timeout_ms: int) -> None:
+        self.timer_deadline_s = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000

@@ -1,0 +1,42 @@
+"""Database connections and the one place psycopg errors become pgnet-curl errors."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from .errors import DatabaseUnavailable, PgnetCurlError, SchemaError
+
+WAKE_CHANNEL = "pgnet_curl_wake"
+CONTROL_CHANNEL = "pgnet_curl_control"
+CONNECT_TIMEOUT_S = 10
+
+
+@contextlib.contextmanager
+def database_errors(action: str) -> Iterator[None]:
+    """Turn psycopg errors raised while doing `action` into ours."""
+    try:
+        yield
+    except (pg_errors.UndefinedTable, pg_errors.UndefinedFunction, pg_errors.InvalidSchemaName) as exc:
+        raise SchemaError(
+            f"{action}: the net schema is missing or outdated ({exc.diag.message_primary}); "
+            f"run: pgnet-curl install --dsn ..."
+        ) from exc
+    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        raise DatabaseUnavailable(f"{action}: {str(exc).strip()}") from exc
+    except psycopg.Error as exc:
+        raise PgnetCurlError(f"{action}: {str(exc).strip()}") from exc
+
+
+def connect(dsn: str, application_name: str, listen: bool = False) -> psycopg.Connection:
+    """Open an autocommit connection named in pg_stat_activity; LISTEN for wakes if asked."""
+    with database_errors("connecting to the database"):
+        conn = psycopg.connect(
+            dsn, autocommit=True, application_name=application_name, connect_timeout=CONNECT_TIMEOUT_S
+        )
+        if listen:
+            conn.execute(f"listen {WAKE_CHANNEL}; listen {CONTROL_CHANNEL}")
+        return conn

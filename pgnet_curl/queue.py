@@ -1,0 +1,80 @@
+"""Every statement the worker runs against the queue, named like its query in sql/queries.sql."""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from pathlib import Path
+
+import psycopg
+
+from .db import database_errors
+from .model import Request, Response
+from .schema import sql_dir
+
+_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+@cache
+def queries() -> dict[str, str]:
+    """Load sql/queries.sql into {name: statement}."""
+    text = Path(sql_dir(), "queries.sql").read_text(encoding="utf-8")
+    parts = _HEADER.split(text)
+    return {name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2])}
+
+
+class Queue:
+    """The request queue and response table as seen by one worker (its lease owner name)."""
+
+    def __init__(self, conn: psycopg.Connection, owner: str):
+        self.conn = conn
+        self.owner = owner
+        self._sql = queries()
+
+    def schema_version(self) -> int | None:
+        with database_errors("reading the schema version"):
+            return self.conn.execute(self._sql["schema_version"]).fetchone()[0]
+
+    def claim(self, limit: int, grace_s: float) -> list[Request]:
+        """Lease up to limit requests to this worker and return them, oldest first."""
+        with database_errors("claiming requests"):
+            rows = self.conn.execute(
+                self._sql["claim"], {"limit": limit, "owner": self.owner, "grace_s": grace_s}
+            ).fetchall()
+        rows.sort()
+        return [
+            Request(id, method, url, json.loads(headers), body, timeout_ms, attempts, created)
+            for id, method, url, headers, body, timeout_ms, attempts, created in rows
+        ]
+
+    def write(self, responses: list[Response]) -> int:
+        """Store responses of requests still leased to us and dequeue them; return rows stored."""
+        params = {
+            "owner": self.owner,
+            "ids": [r.id for r in responses],
+            "status_codes": [r.status_code for r in responses],
+            "content_types": [r.content_type for r in responses],
+            "headers": [None if r.headers is None else json.dumps(r.headers) for r in responses],
+            "contents": [r.content for r in responses],
+            "timed_outs": [r.timed_out for r in responses],
+            "error_msgs": [r.error_msg for r in responses],
+        }
+        with database_errors("writing responses"):
+            return self.conn.execute(self._sql["write_back"], params).rowcount
+
+    def release(self, ids: list[int]) -> int:
+        """Give unfinished requests back to the queue at once instead of at lease expiry."""
+        if not ids:
+            return 0
+        with database_errors("releasing requests"):
+            return self.conn.execute(self._sql["release"], {"ids": ids, "owner": self.owner}).rowcount
+
+    def read_settings(self) -> tuple[str | None, str | None]:
+        """Return (pg_net.batch_size, pg_net.ttl) as the database has them, None when unset."""
+        with database_errors("reading pg_net settings"):
+            return self.conn.execute(self._sql["read_settings"]).fetchone()
+
+    def delete_expired(self, ttl_s: float, limit: int) -> int:
+        with database_errors("deleting expired responses"):
+            return self.conn.execute(self._sql["delete_expired"], {"ttl_s": ttl_s, "limit": limit}).rowcount

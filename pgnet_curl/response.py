@@ -1,0 +1,105 @@
+"""Turn what libcurl reports about a finished transfer into a pg_net response row."""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import re
+
+import pycurl
+
+# Texts pg_net's users match on; newer libcurl words some of them differently.
+_CLASSIC_STRERROR = {
+    pycurl.E_COULDNT_RESOLVE_PROXY: "Couldn't resolve proxy name",
+    pycurl.E_COULDNT_RESOLVE_HOST: "Couldn't resolve host name",
+    pycurl.E_COULDNT_CONNECT: "Couldn't connect to server",
+}
+_CHARSET = re.compile(r";\s*charset\s*=\s*\"?([^\s;\"]+)", re.IGNORECASE)
+
+
+def _load_strerror():
+    """Return libcurl's curl_easy_strerror from the libcurl pycurl is linked with, or None."""
+    try:
+        function = ctypes.CDLL(pycurl._pycurl.__file__).curl_easy_strerror
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_char_p
+    function.argtypes = [ctypes.c_int]
+    return function
+
+
+_strerror = _load_strerror()
+
+
+def curl_error_text(code: int, detail: str = "") -> str:
+    """Return libcurl's own text for an error code, as pg_net stores it in error_msg."""
+    if code in _CLASSIC_STRERROR:
+        return _CLASSIC_STRERROR[code]
+    if _strerror is not None:
+        return _strerror(code).decode("utf-8", "replace")
+    return detail or f"libcurl error {code}"
+
+
+def timeout_message(timeout_ms: int, namelookup_s: float, connect_s: float, appconnect_s: float,
+                    pretransfer_s: float, total_s: float) -> str:
+    """Say where the time of a timed-out request went, in pg_net's exact words."""
+    total_ms = total_s * 1000
+    namelookup_ms, connect_ms = namelookup_s * 1000, connect_s * 1000
+    dns_ms = handshake_ms = http_ms = 0.0
+    if pretransfer_s > 0:
+        # Checked first: on a reused connection name lookup and connect report 0.
+        dns_ms = namelookup_ms
+        handshake_ms = max(connect_ms - namelookup_ms, 0.0)
+        if appconnect_s > 0:
+            handshake_ms += appconnect_s * 1000 - connect_ms
+        http_ms = total_ms - pretransfer_s * 1000
+    elif namelookup_s == 0 and connect_s == 0:
+        dns_ms = total_ms
+    else:
+        dns_ms = namelookup_ms
+        handshake_ms = total_ms - namelookup_ms
+    return (
+        f"Timeout of {timeout_ms} ms reached. Total time: {total_ms:f} ms "
+        f"(DNS time: {dns_ms:f} ms, TCP/SSL handshake time: {handshake_ms:f} ms, "
+        f"HTTP Request/Response time: {http_ms:f} ms)"
+    )
+
+
+def parse_final_headers(raw: bytes) -> dict[str, str]:
+    """Return the last response's headers (after redirects and 1xx), repeats joined by ', '."""
+    headers: dict[str, str] = {}
+    for line in raw.decode("latin-1").split("\r\n"):
+        if line.startswith("HTTP/"):
+            headers = {}
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not name or name[0] in " \t":
+            continue
+        value = value.strip()
+        if name in headers:
+            headers[name] = f"{headers[name]}, {value}"
+        else:
+            headers[name] = value
+    return headers
+
+
+def charset_of(content_type: str | None) -> str | None:
+    """Return the charset a Content-Type declares, if Python knows it."""
+    if not content_type:
+        return None
+    match = _CHARSET.search(content_type)
+    if not match:
+        return None
+    try:
+        return codecs.lookup(match.group(1)).name
+    except LookupError:
+        return None
+
+
+def decode_body(body: bytes, content_type: str | None) -> str | None:
+    """Return the body as text for the content column; an empty body is NULL."""
+    if not body:
+        return None
+    text = body.decode(charset_of(content_type) or "utf-8", errors="replace")
+    # PostgreSQL text cannot hold NUL.
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text

@@ -1,0 +1,52 @@
+"""`pgnet-curl serve`: resolve the database (given or embedded), check it, supervise workers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+import platformdirs
+
+from . import schema, settings as settings_module
+from .supervisor import Supervisor
+
+log = logging.getLogger("pgnet_curl.serve")
+
+# Flag names as serve takes them -> Settings fields.
+_FLAG_TO_SETTING = {
+    "lease_grace": "lease_grace_s",
+    "poll_interval": "poll_interval_s",
+    "drain_timeout": "drain_timeout_s",
+}
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("pgnet-curl"))
+
+
+def serve(dsn: str | None, data_dir: str | None, install_schema: bool, tuning: dict) -> int:
+    """Serve until stopped; return the exit code."""
+    values = {_FLAG_TO_SETTING.get(name, name): value for name, value in tuning.items()}
+    embedded = None
+    if not dsn:
+        from .embedded import EmbeddedPostgres
+
+        embedded = EmbeddedPostgres(Path(data_dir) if data_dir else default_data_dir())
+        dsn = embedded.start()
+        install_schema = True
+        log.info("embedded PostgreSQL running in %s", embedded.data_dir)
+    try:
+        if install_schema:
+            version = schema.install(dsn)
+            log.info("net schema version %d installed", version)
+        settings = settings_module.build(dsn=dsn, **values)
+        supervisor = Supervisor(settings)
+        supervisor.check_database()
+        if embedded:
+            click.echo(f"\nConnect with:  psql {dsn}\n"
+                       f"Try:           select net.http_get('http://127.0.0.1:PORT/');\n", err=True)
+        return supervisor.run()
+    finally:
+        if embedded:
+            embedded.stop("fast")

@@ -1,0 +1,164 @@
+"""The supervisor: fork N worker processes, restart the ones that die, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from . import db
+from .errors import SchemaError
+from .queue import Queue
+from .settings import Settings
+
+log = logging.getLogger("pgnet_curl.supervisor")
+
+_HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+RESTART_MIN_S, RESTART_MAX_S = 0.5, 30.0
+# A worker that lived this long is healthy again: its restart backoff starts over.
+HEALTHY_AFTER_S = 30.0
+# After the drain deadline, workers get this much longer before SIGKILL.
+KILL_MARGIN_S = 5.0
+
+
+@dataclass
+class _Slot:
+    """One worker position: the process filling it now and its restart history."""
+
+    index: int
+    pid: int | None = None
+    started_s: float = 0.0
+    failures: int = 0
+    restart_at_s: float = 0.0
+
+
+class Supervisor:
+    """Keep settings.workers worker processes running until told to stop."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.slots = [_Slot(index) for index in range(1, settings.workers + 1)]
+        self.stopping = False
+        self._kill_at_s = 0.0
+        self.restarts = 0
+
+    def check_database(self) -> int:
+        """Fail fast on a bad DSN or a missing schema; return the installed schema version."""
+        conn = db.connect(self.settings.dsn, "pgnet-curl supervisor")
+        try:
+            version = Queue(conn, owner="supervisor").schema_version()
+        finally:
+            conn.close()
+        if version is None:
+            raise SchemaError("the net schema is not installed in this database; "
+                              "run `pgnet-curl install --dsn ...` or serve with --install")
+        return version
+
+    def run(self) -> int:
+        """Supervise until SIGTERM/SIGINT and every worker has exited; return the exit code."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
+        try:
+            for slot in self.slots:
+                self._spawn(slot)
+            log.info("serving with %d workers (max_inflight=%d each)", len(self.slots), self.settings.max_inflight)
+            while not (self.stopping and not self._alive()):
+                received = signal.sigtimedwait(_HANDLED_SIGNALS, self._wait_timeout_s())
+                if received is not None:
+                    self._on_signal(received.si_signo)
+                self._reap()
+                self._restart_due()
+                if self.stopping and time.monotonic() >= self._kill_at_s:
+                    self._signal_workers(signal.SIGKILL)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)
+        log.info("all workers stopped")
+        return 0
+
+    def _alive(self) -> list[_Slot]:
+        return [slot for slot in self.slots if slot.pid is not None]
+
+    def _wait_timeout_s(self) -> float:
+        now = time.monotonic()
+        deadlines = [now + 1.0]
+        deadlines += [slot.restart_at_s for slot in self.slots if slot.pid is None and not self.stopping]
+        if self.stopping:
+            deadlines.append(self._kill_at_s)
+        return max(0.01, min(deadlines) - now)
+
+    def _on_signal(self, signo: int) -> None:
+        if signo in (signal.SIGTERM, signal.SIGINT):
+            if self.stopping:
+                log.warning("second stop signal: ending the drain now")
+            else:
+                log.info("stop requested: draining workers (up to %.0f s)", self.settings.drain_timeout_s)
+                self.stopping = True
+                self._kill_at_s = time.monotonic() + self.settings.drain_timeout_s + KILL_MARGIN_S
+            self._signal_workers(signal.SIGTERM)
+        elif signo == signal.SIGHUP:
+            log.info("SIGHUP: workers re-read their settings")
+            self._signal_workers(signal.SIGHUP)
+
+    def _signal_workers(self, signo: int) -> None:
+        for slot in self._alive():
+            try:
+                os.kill(slot.pid, signo)
+            except ProcessLookupError:
+                pass
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for slot in self.slots:
+                if slot.pid == pid:
+                    self._on_exit(slot, status)
+
+    def _on_exit(self, slot: _Slot, status: int) -> None:
+        slot.pid = None
+        if self.stopping:
+            return
+        lived_s = time.monotonic() - slot.started_s
+        slot.failures = 1 if lived_s >= HEALTHY_AFTER_S else slot.failures + 1
+        delay_s = min(RESTART_MIN_S * 2 ** (slot.failures - 1), RESTART_MAX_S)
+        slot.restart_at_s = time.monotonic() + delay_s
+        if os.WIFSIGNALED(status):
+            how = f"was killed by signal {os.WTERMSIG(status)}"
+        else:
+            how = f"exited with code {os.waitstatus_to_exitcode(status)}"
+        log.warning("worker %d %s after %.1f s; restarting in %.1f s", slot.index, how, lived_s, delay_s)
+
+    def _restart_due(self) -> None:
+        if self.stopping:
+            return
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.pid is None and now >= slot.restart_at_s:
+                self.restarts += 1
+                self._spawn(slot)
+
+    def _spawn(self, slot: _Slot) -> None:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(_worker_main(self.settings, slot.index))
+        slot.pid, slot.started_s = pid, time.monotonic()
+
+
+def _worker_main(settings: Settings, index: int) -> int:
+    """Entry point of a forked worker process."""
+    from .worker import Worker
+
+    # SIGTERM/SIGINT/SIGHUP stay blocked until the worker has its handlers in place.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    try:
+        return Worker(settings, index).run()
+    except BaseException:  # noqa: BLE001 - a worker must report, never unwind into the parent's code
+        log.exception("worker %d crashed", index)
+        return 1
+    finally:
+        logging.shutdown()

@@ -1,0 +1,389 @@
+"""One worker process: a single event loop over curl's sockets and timer, the database
+connection (LISTEN), and the write-back timer.
+
+Data flows one way: claim from the queue -> curl driver -> write-back buffer -> queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import selectors
+import signal
+import socket
+import time
+
+import psycopg
+import pycurl
+
+from . import db
+from .curl_driver import CurlDriver
+from .errors import DatabaseUnavailable, PgnetCurlError, SchemaError
+from .model import Response
+from .queue import Queue
+from .settings import Settings
+
+log = logging.getLogger("pgnet_curl.worker")
+
+_CURL, _DB, _SIGNAL = "curl", "db", "signal"
+_POLL_TO_EVENTS = {
+    pycurl.POLL_IN: selectors.EVENT_READ,
+    pycurl.POLL_OUT: selectors.EVENT_WRITE,
+    pycurl.POLL_INOUT: selectors.EVENT_READ | selectors.EVENT_WRITE,
+}
+RECONNECT_MIN_S, RECONNECT_MAX_S = 0.1, 10.0
+# TTL sweep: at most this many delete statements per sweep, so a sweep never stalls the loop.
+_TTL_SWEEP_MAX_STATEMENTS = 10
+
+
+class Worker:
+    """Claim requests, send them through curl, write responses back; until told to stop."""
+
+    def __init__(self, settings: Settings, index: int = 1):
+        self.settings = settings
+        self.index = index
+        self.application_name = f"pgnet-curl worker {index}"
+        # Unique per process: a lease held by a dead process can never be mistaken for ours.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.selector = selectors.DefaultSelector()
+        self.driver = CurlDriver(self._watch_curl_fd, max_redirects=settings.max_redirects,
+                                 max_host_connections=settings.max_host_connections)
+        self._curl_fds: set[int] = set()
+        self.conn: psycopg.Connection | None = None
+        self.queue: Queue | None = None
+        self._reconnect_at_s = 0.0
+        self._reconnect_delay_s = RECONNECT_MIN_S
+        self.pending: list[Response] = []
+        self._oldest_pending_s = 0.0
+        self.want_claim = True
+        self._reload_requested = False
+        self.stopping = False
+        self._drain_deadline_s = 0.0
+        now = time.monotonic()
+        self._next_poll_s = now + settings.poll_interval_s
+        self._next_settings_s = now + settings.settings_refresh_s
+        self._next_ttl_sweep_s = now
+        self.stats = {"claimed": 0, "written": 0, "lease_lost": 0, "reclaimed": 0, "reconnects": 0}
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT and a drain; return the process exit code."""
+        self._install_signal_handlers()
+        self._connect()
+        if self.conn is None and isinstance(self._last_connect_error, SchemaError):
+            log.error("%s", self._last_connect_error)
+            return SchemaError.exit_code
+        log.info("worker %d started (pid %d, max_inflight=%d, batch_size=%d)", self.index, os.getpid(),
+                 self.settings.max_inflight, self.settings.batch_size)
+        try:
+            while not self._finished():
+                self._step()
+        finally:
+            self._shutdown()
+        return 0
+
+    def request_stop(self) -> None:
+        """Stop claiming; finish what is in flight until the drain deadline."""
+        if self.stopping:
+            # A second signal: give up on the drain now.
+            self._drain_deadline_s = 0.0
+            return
+        log.info("worker %d draining: %d in flight, %d responses to write", self.index,
+                 self.driver.inflight, len(self.pending))
+        self.stopping = True
+        self._drain_deadline_s = time.monotonic() + self.settings.drain_timeout_s
+
+    def _finished(self) -> bool:
+        if not self.stopping:
+            return False
+        if self.driver.inflight == 0 and not self.pending:
+            return True
+        return time.monotonic() >= self._drain_deadline_s
+
+    def _shutdown(self) -> None:
+        unfinished = self.driver.abort_all()
+        if self.conn is not None:
+            try:
+                if self.pending:
+                    self._flush(everything=True)
+                released = self.queue.release([request.id for request in unfinished])
+                if unfinished:
+                    log.warning("worker %d released %d unfinished requests to the queue", self.index, released)
+            except PgnetCurlError as exc:
+                log.warning("worker %d could not hand back its work (%s); leases will expire", self.index, exc)
+        if self.pending:
+            log.warning("worker %d exits with %d unwritten responses; their requests will be sent again "
+                        "after their leases expire", self.index, len(self.pending))
+        self.driver.close()
+        self._disconnect()
+        log.info("worker %d stopped: %s", self.index, self.stats)
+
+    def _install_signal_handlers(self) -> None:
+        self._signal_r, self._signal_w = socket.socketpair()
+        self._signal_r.setblocking(False)
+        self._signal_w.setblocking(False)
+        signal.set_wakeup_fd(self._signal_w.fileno(), warn_on_full_buffer=False)
+        self.selector.register(self._signal_r, selectors.EVENT_READ, _SIGNAL)
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+        signal.signal(signal.SIGHUP, lambda *_: self._request_reload())
+        # The supervisor forks us with these blocked, so none is lost before this point.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+    def _request_reload(self) -> None:
+        self._reload_requested = True
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        for key, mask in self.selector.select(self._select_timeout_s()):
+            if key.data is _CURL:
+                self.driver.socket_event(key.fd, bool(mask & selectors.EVENT_READ),
+                                         bool(mask & selectors.EVENT_WRITE))
+            elif key.data is _DB:
+                self._on_db_readable()
+            else:
+                self._drain_signal_socket()
+        now = time.monotonic()
+        if self.driver.timer_deadline_s is not None and now >= self.driver.timer_deadline_s:
+            self.driver.timer_event()
+        finished = self.driver.take_finished()
+        if finished:
+            if not self.pending:
+                self._oldest_pending_s = now
+            self.pending.extend(finished)
+        if self.conn is None:
+            if now >= self._reconnect_at_s:
+                self._connect()
+            return
+        self._maybe_flush(now)
+        self._periodic(now)
+        self._maybe_claim()
+
+    def _select_timeout_s(self) -> float:
+        now = time.monotonic()
+        deadlines = [self._next_poll_s]
+        if self.driver.timer_deadline_s is not None:
+            deadlines.append(self.driver.timer_deadline_s)
+        if self.pending:
+            deadlines.append(self._oldest_pending_s + self.settings.flush_interval_ms / 1000)
+        if self.conn is None:
+            deadlines.append(self._reconnect_at_s)
+        else:
+            deadlines.extend((self._next_settings_s, self._next_ttl_sweep_s))
+        if self.stopping:
+            deadlines.append(self._drain_deadline_s)
+        if self.want_claim and self._free_slots() >= self._min_claim() and not self.stopping:
+            deadlines.append(now)
+        return max(0.0, min(deadlines) - now)
+
+    def _drain_signal_socket(self) -> None:
+        try:
+            while self._signal_r.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    # ---- curl side -------------------------------------------------------------------------
+
+    def _watch_curl_fd(self, fd: int, what: int) -> None:
+        """Mirror libcurl's interest in a socket into the selector."""
+        if what == pycurl.POLL_REMOVE:
+            if fd in self._curl_fds:
+                self._curl_fds.discard(fd)
+                try:
+                    self.selector.unregister(fd)
+                except (KeyError, ValueError, OSError):
+                    pass
+            return
+        events = _POLL_TO_EVENTS[what]
+        if fd in self._curl_fds:
+            try:
+                self.selector.modify(fd, events, _CURL)
+                return
+            except (KeyError, OSError):
+                # The fd number was closed and reused without a POLL_REMOVE: start afresh.
+                try:
+                    self.selector.unregister(fd)
+                except (KeyError, ValueError, OSError):
+                    pass
+        self.selector.register(fd, events, _CURL)
+        self._curl_fds.add(fd)
+
+    def _free_slots(self) -> int:
+        return self.settings.max_inflight - self.driver.inflight
+
+    def _min_claim(self) -> int:
+        """Slots to wait for before claiming again while busy: no claim query per finished request."""
+        if self.driver.inflight == 0:
+            return 1
+        return max(1, min(self.settings.batch_size, self.settings.max_inflight) // 4)
+
+    def _maybe_claim(self) -> None:
+        if self.stopping or not self.want_claim or self._free_slots() < self._min_claim():
+            return
+        limit = min(self.settings.batch_size, self._free_slots())
+        try:
+            requests = self.queue.claim(limit, self.settings.lease_grace_s)
+        except PgnetCurlError as exc:
+            self._on_db_error(exc)
+            return
+        for request in requests:
+            if request.attempts > 1:
+                self.stats["reclaimed"] += 1
+            self.driver.add(request)
+        self.stats["claimed"] += len(requests)
+        # A full batch means more are probably waiting: claim again as slots free up.
+        self.want_claim = len(requests) == limit
+
+    # ---- write-back ------------------------------------------------------------------------
+
+    def _maybe_flush(self, now: float) -> None:
+        if not self.pending:
+            return
+        if (len(self.pending) >= self.settings.write_batch_size or self.driver.inflight == 0
+                or now - self._oldest_pending_s >= self.settings.flush_interval_ms / 1000):
+            try:
+                self._flush(everything=False)
+            except PgnetCurlError as exc:
+                self._on_db_error(exc)
+
+    def _flush(self, everything: bool) -> None:
+        """Write pending responses in batches of write_batch_size (all of them if everything)."""
+        while self.pending:
+            batch = self.pending[: self.settings.write_batch_size]
+            written = self._write(batch)
+            del self.pending[: len(batch)]
+            self.stats["written"] += written
+            self.stats["lease_lost"] += len(batch) - written
+            self._oldest_pending_s = time.monotonic()
+            if not everything and len(self.pending) < self.settings.write_batch_size:
+                break
+
+    def _write(self, batch: list[Response]) -> int:
+        """Write a batch; if the database refuses it, write row by row so one bad row loses nothing."""
+        try:
+            return self.queue.write(batch)
+        except DatabaseUnavailable:
+            raise
+        except PgnetCurlError as exc:
+            if len(batch) == 1:
+                return self._write_unstorable(batch[0], exc)
+            log.warning("worker %d: a write-back batch was refused (%s); writing row by row", self.index, exc)
+            return sum(self._write(row_batch) for row_batch in ([row] for row in batch))
+
+    def _write_unstorable(self, response: Response, exc: Exception) -> int:
+        """Store an error row for a response the database would not take as it was."""
+        replacement = Response(response.id, status_code=response.status_code,
+                               content_type=response.content_type,
+                               error_msg=f"the response could not be stored: {exc}", method=response.method)
+        return self.queue.write([replacement])
+
+    # ---- database side ---------------------------------------------------------------------
+
+    def _on_db_readable(self) -> None:
+        try:
+            self.conn.pgconn.consume_input()
+        except psycopg.OperationalError as exc:
+            self._on_db_error(DatabaseUnavailable(f"connection lost: {str(exc).strip()}"))
+            return
+        pgconn = self.conn.pgconn
+        while notify := pgconn.notifies():
+            pgconn.notify_handler(notify)
+        if self.conn.broken or pgconn.status != psycopg.pq.ConnStatus.OK:
+            self._on_db_error(DatabaseUnavailable("connection lost"))
+
+    def _on_notify(self, notify: psycopg.Notify) -> None:
+        if notify.channel == db.WAKE_CHANNEL:
+            self.want_claim = True
+        elif notify.channel == db.CONTROL_CHANNEL and notify.payload == "restart":
+            self._reload_requested = True
+
+    _last_connect_error: PgnetCurlError | None = None
+
+    def _connect(self) -> None:
+        try:
+            conn = db.connect(self.settings.dsn, self.application_name, listen=True)
+        except PgnetCurlError as exc:
+            self._last_connect_error = exc
+            self._schedule_reconnect(exc)
+            return
+        queue = Queue(conn, self.owner)
+        try:
+            if queue.schema_version() is None:
+                raise SchemaError("the net schema is not installed; run: pgnet-curl install --dsn ...")
+            self.settings = self.settings.with_database_values(*queue.read_settings())
+        except PgnetCurlError as exc:
+            conn.close()
+            self._last_connect_error = exc
+            self._schedule_reconnect(exc)
+            return
+        conn.add_notify_handler(self._on_notify)
+        self.conn, self.queue = conn, queue
+        self.selector.register(conn.fileno(), selectors.EVENT_READ, _DB)
+        if self._reconnect_delay_s > RECONNECT_MIN_S or self.stats["reconnects"]:
+            log.info("worker %d reconnected to the database", self.index)
+        self._reconnect_delay_s = RECONNECT_MIN_S
+        self._last_connect_error = None
+        self.want_claim = True
+        # Responses finished while we were away are written now (those whose lease held).
+        self._oldest_pending_s = 0.0
+
+    def _schedule_reconnect(self, exc: PgnetCurlError) -> None:
+        delay_s = self._reconnect_delay_s * random.uniform(0.8, 1.2)
+        log.warning("worker %d: %s; retrying in %.1f s", self.index, exc, delay_s)
+        self._reconnect_at_s = time.monotonic() + delay_s
+        self._reconnect_delay_s = min(self._reconnect_delay_s * 2, RECONNECT_MAX_S)
+
+    def _on_db_error(self, exc: PgnetCurlError) -> None:
+        """Drop the connection and reconnect later; in-flight transfers carry on meanwhile."""
+        self.stats["reconnects"] += 1
+        self._disconnect()
+        self._schedule_reconnect(exc)
+
+    def _disconnect(self) -> None:
+        if self.conn is None:
+            return
+        try:
+            self.selector.unregister(self.conn.fileno())
+        except (KeyError, ValueError, OSError, psycopg.Error):
+            pass
+        try:
+            self.conn.close()
+        except psycopg.Error:
+            pass
+        self.conn = self.queue = None
+
+    # ---- housekeeping ----------------------------------------------------------------------
+
+    def _periodic(self, now: float) -> None:
+        try:
+            if now >= self._next_poll_s:
+                self.want_claim = True
+                self._next_poll_s = now + self.settings.poll_interval_s
+            if self._reload_requested or now >= self._next_settings_s:
+                self._reload_settings()
+                self._next_settings_s = now + self.settings.settings_refresh_s
+            if now >= self._next_ttl_sweep_s:
+                self._sweep_expired()
+                self._next_ttl_sweep_s = now + self.settings.ttl_sweep_interval_s
+        except PgnetCurlError as exc:
+            self._on_db_error(exc)
+
+    def _reload_settings(self) -> None:
+        requested, self._reload_requested = self._reload_requested, False
+        before = self.settings
+        self.settings = self.settings.with_database_values(*self.queue.read_settings())
+        if requested or self.settings != before:
+            log.info("worker %d settings: batch_size=%d ttl=%s", self.index, self.settings.batch_size,
+                     self.settings.ttl)
+        self.want_claim = True
+
+    def _sweep_expired(self) -> None:
+        ttl_s = self.settings.ttl.total_seconds()
+        for _ in range(_TTL_SWEEP_MAX_STATEMENTS):
+            if self.queue.delete_expired(ttl_s, self.settings.ttl_sweep_rows) < self.settings.ttl_sweep_rows:
+                break

@@ -1,0 +1,64 @@
+-- Every statement the worker runs, each under a `-- name: <name>` header.
+-- Loaded by pgnet_curl/queue.py; parameters use psycopg's %(name)s style.
+
+-- name: schema_version
+-- The installed schema version, or NULL when the net schema is missing.
+select case when to_regclass('net._schema_migrations') is null then null
+            else (select max(version) from net._schema_migrations) end;
+
+-- name: claim
+-- Take up to %(limit)s unleased (or lease-expired) requests, oldest first, without waiting
+-- for rows another worker is claiming. The lease covers the request's timeout plus a grace.
+with picked as (
+    select id
+    from net.http_request_queue
+    where lease_expires_at is null or lease_expires_at < clock_timestamp()
+    order by id
+    limit %(limit)s
+    for update skip locked
+)
+update net.http_request_queue q
+set lease_owner = %(owner)s,
+    lease_expires_at = clock_timestamp()
+        + make_interval(secs => q.timeout_milliseconds / 1000.0 + %(grace_s)s),
+    attempts = q.attempts + 1
+from picked
+where q.id = picked.id
+returning q.id, q.method, q.url, q.headers::text, q.body, q.timeout_milliseconds,
+          q.attempts, extract(epoch from q.created_at)::float8;
+
+-- name: write_back
+-- Store finished responses of the requests this worker still owns, and dequeue them, in one
+-- statement. A row whose lease passed to another worker is skipped: that worker answers it.
+with done as (
+    delete from net.http_request_queue q
+    using unnest(%(ids)s::bigint[]) as r(id)
+    where q.id = r.id and q.lease_owner = %(owner)s
+    returning q.id
+)
+insert into net._http_response (id, status_code, content_type, headers, content, timed_out, error_msg)
+select r.id, r.status_code, r.content_type, r.headers::jsonb, r.content, r.timed_out, r.error_msg
+from unnest(%(ids)s::bigint[], %(status_codes)s::int[], %(content_types)s::text[],
+            %(headers)s::text[], %(contents)s::text[], %(timed_outs)s::bool[], %(error_msgs)s::text[])
+     as r(id, status_code, content_type, headers, content, timed_out, error_msg)
+join done using (id)
+on conflict (id) do nothing;
+
+-- name: release
+-- Give back requests this worker claimed but will not finish (shutdown), for others to take.
+update net.http_request_queue
+set lease_owner = null, lease_expires_at = null
+where id = any(%(ids)s::bigint[]) and lease_owner = %(owner)s;
+
+-- name: read_settings
+-- pg_net's settings, as pg_net reads them (NULL when unset).
+select current_setting('pg_net.batch_size', true), current_setting('pg_net.ttl', true);
+
+-- name: delete_expired
+-- Delete up to %(limit)s responses older than the TTL (small batches: short locks).
+delete from net._http_response
+where ctid = any(array(
+    select ctid from net._http_response
+    where created < now() - make_interval(secs => %(ttl_s)s)
+    limit %(limit)s
+));
