@@ -49,7 +49,7 @@ def find_bindir() -> Path:
 
 
 def free_port(preferred: int = DEFAULT_PORT) -> int:
-    """Return preferred if nothing listens on it on 127.0.0.1, else any free port."""
+    """Return preferred if nothing listens on it on 127.0.0.1 (0: any), else any free port."""
     for port in (preferred, 0):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
@@ -98,12 +98,22 @@ class EmbeddedPostgres:
             log.info("embedded PostgreSQL already running on port %d", running_port)
             self.port = running_port
             return self.dsn
-        self.port = free_port(self.requested_port or DEFAULT_PORT)
+        self.port = free_port(self._preferred_port())
+        (self.data_dir / "port").write_text(f"{self.port}\n")
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
         if self.fast_unsafe:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._pg_ctl("start", "-w", "-t", str(START_TIMEOUT_S), "-l", str(self.logfile), "-o", options)
         return self.dsn
+
+    def _preferred_port(self) -> int:
+        """The port asked for (0: any), else the one this data folder used last, else the default."""
+        if self.requested_port is not None:
+            return self.requested_port
+        try:
+            return int((self.data_dir / "port").read_text())
+        except (OSError, ValueError):
+            return DEFAULT_PORT
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (mode: smart, fast or immediate); nothing happens if it is down."""
