@@ -32,10 +32,6 @@ class Queue:
         self.owner = owner
         self._sql = queries()
 
-    def schema_version(self) -> int | None:
-        with database_errors("reading the schema version"):
-            return self.conn.execute(self._sql["schema_version"]).fetchone()[0]
-
     def claim(self, limit: int, grace_s: float) -> list[Request]:
         """Lease up to limit requests to this worker and return them, oldest first."""
         with database_errors("claiming requests"):

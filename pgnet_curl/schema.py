@@ -8,6 +8,7 @@ from pathlib import Path
 
 import psycopg
 
+from .db import database_errors
 from .errors import SchemaError
 
 # Serialises concurrent installs of the same database (any constant works; this spells "pgnet").
@@ -65,6 +66,11 @@ def _persistence_sql(durable: bool) -> str:
 
 def installed_version(conn: psycopg.Connection) -> int | None:
     """Return the schema version installed in the connected database, or None."""
+    with database_errors("reading the schema version"):
+        return _installed_version(conn)
+
+
+def _installed_version(conn: psycopg.Connection) -> int | None:
     row = conn.execute("select to_regclass('net._schema_migrations') is not null").fetchone()
     if not row[0]:
         return None

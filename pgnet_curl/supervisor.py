@@ -8,9 +8,8 @@ import signal
 import time
 from dataclasses import dataclass
 
-from . import db
+from . import db, schema
 from .errors import SchemaError
-from .queue import Queue
 from .settings import Settings
 
 log = logging.getLogger("pgnet_curl.supervisor")
@@ -48,7 +47,7 @@ class Supervisor:
         """Fail fast on a bad DSN or a missing schema; return the installed schema version."""
         conn = db.connect(self.settings.dsn, "pgnet-curl supervisor")
         try:
-            version = Queue(conn, owner="supervisor").schema_version()
+            version = schema.installed_version(conn)
         finally:
             conn.close()
         if version is None:

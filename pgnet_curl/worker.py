@@ -18,7 +18,7 @@ import time
 import psycopg
 import pycurl
 
-from . import db
+from . import db, schema
 from .curl_driver import CurlDriver
 from .errors import DatabaseUnavailable, PgnetCurlError, SchemaError
 from .model import Response
@@ -52,6 +52,7 @@ class Worker:
                                  max_host_connections=settings.max_host_connections)
         self._curl_fds: set[int] = set()
         self.conn: psycopg.Connection | None = None
+        self._db_fd = -1
         self.queue: Queue | None = None
         self._reconnect_at_s = 0.0
         self._reconnect_delay_s = RECONNECT_MIN_S
@@ -59,6 +60,7 @@ class Worker:
         self._oldest_pending_s = 0.0
         self.want_claim = True
         self._reload_requested = False
+        self._restart_requested = False
         self.stopping = False
         self._drain_deadline_s = 0.0
         now = time.monotonic()
@@ -300,7 +302,7 @@ class Worker:
         if notify.channel == db.WAKE_CHANNEL:
             self.want_claim = True
         elif notify.channel == db.CONTROL_CHANNEL and notify.payload == "restart":
-            self._reload_requested = True
+            self._restart_requested = True
 
     _last_connect_error: PgnetCurlError | None = None
 
@@ -313,7 +315,7 @@ class Worker:
             return
         queue = Queue(conn, self.owner)
         try:
-            if queue.schema_version() is None:
+            if schema.installed_version(conn) is None:
                 raise SchemaError("the net schema is not installed; run: pgnet-curl install --dsn ...")
             self.settings = self.settings.with_database_values(*queue.read_settings())
         except PgnetCurlError as exc:
@@ -323,7 +325,8 @@ class Worker:
             return
         conn.add_notify_handler(self._on_notify)
         self.conn, self.queue = conn, queue
-        self.selector.register(conn.fileno(), selectors.EVENT_READ, _DB)
+        self._db_fd = conn.fileno()
+        self.selector.register(self._db_fd, selectors.EVENT_READ, _DB)
         if self._reconnect_delay_s > RECONNECT_MIN_S or self.stats["reconnects"]:
             log.info("worker %d reconnected to the database", self.index)
         self._reconnect_delay_s = RECONNECT_MIN_S
@@ -347,9 +350,10 @@ class Worker:
     def _disconnect(self) -> None:
         if self.conn is None:
             return
+        # By fd number: a broken connection cannot tell its fileno() any more.
         try:
-            self.selector.unregister(self.conn.fileno())
-        except (KeyError, ValueError, OSError, psycopg.Error):
+            self.selector.unregister(self._db_fd)
+        except (KeyError, ValueError, OSError):
             pass
         try:
             self.conn.close()
@@ -360,6 +364,10 @@ class Worker:
     # ---- housekeeping ----------------------------------------------------------------------
 
     def _periodic(self, now: float) -> None:
+        if self._restart_requested:
+            self._restart_session()
+            if self.conn is None:
+                return
         try:
             if now >= self._next_poll_s:
                 self.want_claim = True
@@ -372,6 +380,24 @@ class Worker:
                 self._next_ttl_sweep_s = now + self.settings.ttl_sweep_interval_s
         except PgnetCurlError as exc:
             self._on_db_error(exc)
+
+    def _restart_session(self) -> None:
+        """net.worker_restart(): a new database session, so every pg_net.* setting applies anew.
+
+        In-flight transfers carry on; finished responses are written first.
+        """
+        self._restart_requested = False
+        log.info("worker %d restarting its database session (net.worker_restart)", self.index)
+        try:
+            self._flush(everything=True)
+        except PgnetCurlError as exc:
+            self._on_db_error(exc)
+            return
+        self._disconnect()
+        self._connect()
+        if self.conn is not None:
+            log.info("worker %d settings: batch_size=%d ttl=%s", self.index, self.settings.batch_size,
+                     self.settings.ttl)
 
     def _reload_settings(self) -> None:
         requested, self._reload_requested = self._reload_requested, False

@@ -1,11 +1,6 @@
 -- Every statement the worker runs, each under a `-- name: <name>` header.
 -- Loaded by pgnet_curl/queue.py; parameters use psycopg's %(name)s style.
 
--- name: schema_version
--- The installed schema version, or NULL when the net schema is missing.
-select case when to_regclass('net._schema_migrations') is null then null
-            else (select max(version) from net._schema_migrations) end;
-
 -- name: claim
 -- Take up to %(limit)s unleased (or lease-expired) requests, oldest first, without waiting
 -- for rows another worker is claiming. The lease covers the request's timeout plus a grace.

@@ -98,3 +98,22 @@ def http_server():
 
     with HttpTestServer() as server:
         yield server
+
+
+@pytest.fixture
+def serve():
+    """Start `pgnet-curl serve` subprocesses: serve(dsn, *flags, workers=1); all killed after."""
+    from serve_process import ServeProcess
+
+    started = []
+
+    def start(dsn, *args, workers=1, env=None, wait=True):
+        process = ServeProcess(dsn, *args, workers=workers, env=env)
+        started.append(process)
+        if wait:
+            process.wait_ready()
+        return process
+
+    yield start
+    for process in started:
+        process.kill()

@@ -1,8 +1,16 @@
 """Loopback HTTP/1.1 test server with well-behaved and misbehaving endpoints.
 
-Standard library only: a raw ``asyncio.Protocol`` running its own event loop in
-a daemon thread, so tests control every byte on the wire, keep-alive and
-pipelining, and can provoke each client-side failure deliberately.
+Standard library only: a raw ``asyncio.BufferedProtocol`` running its own event
+loop in a daemon thread, so tests control every byte on the wire, keep-alive and
+pipelining, and can provoke each client-side failure deliberately. Binds only
+loopback addresses (127.0.0.1 by default, ::1 when asked).
+
+    with HttpTestServer() as server:          # or server = HttpTestServer().start()
+        fetch(server.url_for("/echo?a=1"))
+        assert server.hits("/echo") == 1      # counted before the answer is sent
+        server.requests[-1]["headers"]        # last 10,000 requests, as dicts
+        server.wait_for_hits(3, "/hang")      # block instead of sleeping
+        server.reset()                        # clear counters and log
 
 Endpoints (the path decides, query parameters modify)::
 
@@ -42,6 +50,8 @@ import collections
 import http
 import ipaddress
 import json
+import re
+import signal
 import socket
 import struct
 import threading
@@ -54,6 +64,8 @@ MAX_BODY_BYTES = 256 * 1024 * 1024
 MAX_CHUNK_LINE_BYTES = 4096
 REQUEST_LOG_SIZE = 10_000
 STREAM_CHUNK_BYTES = 64 * 1024
+RECEIVE_BUFFER_BYTES = 32 * 1024
+YIELD_EVERY_CHUNKS = 16
 WRITE_HIGH_WATER_BYTES = 256 * 1024
 SLOWLORIS_LIMIT_S = 30.0
 SLOWLORIS_DEFAULT_MS = 200
@@ -63,7 +75,6 @@ SHUTDOWN_TIMEOUT_S = 10.0
 _REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 _X_CHUNK = b"x" * STREAM_CHUNK_BYTES
 _PATTERN_CHUNK = bytes(range(256)) * (STREAM_CHUNK_BYTES // 256)
-_FAST_BODY = b"ok"
 _FAST_RESPONSE = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
 )
@@ -71,6 +82,9 @@ _FAST_RESPONSE_CLOSE = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
     b"Connection: close\r\n\r\nok"
 )
+_REQUEST_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\S+) (HTTP/1\.[01])")
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection",
+                              "expect"})
 _TOKEN_CHARS = frozenset(
     "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
@@ -80,7 +94,8 @@ class _Request:
     """Hold one parsed request, framing decisions included."""
 
     __slots__ = ("method", "path", "query", "version", "headers", "body",
-                 "keep_alive", "head_only")
+                 "keep_alive", "head_only", "content_length", "chunked",
+                 "expect_continue")
 
     def __init__(self, method: str, path: str, query: str, version: str,
                  headers: list[tuple[str, str]]):
@@ -91,23 +106,10 @@ class _Request:
         self.headers = headers
         self.body = b""
         self.head_only = method == "HEAD"
-        connection = self.header("connection").lower()
-        if version == "HTTP/1.1":
-            self.keep_alive = "close" not in connection
-        else:
-            self.keep_alive = "keep-alive" in connection
-
-    def header(self, name_lower: str, default: str = "") -> str:
-        """Return the first value of a header, matched case-insensitively."""
-        for name, value in self.headers:
-            if name.lower() == name_lower:
-                return value
-        return default
-
-    def as_dict(self) -> dict[str, Any]:
-        """Describe the request for the server's public log."""
-        return {"method": self.method, "path": self.path, "query": self.query,
-                "headers": self.headers, "body": self.body}
+        self.keep_alive = version == "HTTP/1.1"
+        self.content_length = 0
+        self.chunked = False
+        self.expect_continue = False
 
 
 class _BadRequest(Exception):
@@ -118,26 +120,51 @@ class _BadRequest(Exception):
         self.status = status
 
 
-def _parse_head(head: bytes) -> _Request:
+def _parse_head(head: bytes | bytearray) -> _Request:
     """Parse a request line and header block (without the final CRLFCRLF)."""
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+    request_line, _, header_block = head.decode("latin-1").partition("\r\n")
+    match = _REQUEST_LINE.fullmatch(request_line)
+    if match is None:
         raise _BadRequest(400, "bad request line")
-    method, target, version = parts
-    if not method or not set(method) <= _TOKEN_CHARS:
-        raise _BadRequest(400, "bad method")
-    if target.startswith(("http://", "https://")):  # absolute-form
-        slash = target.find("/", target.find("//") + 2)
+    method, target, version = match.groups()
+    if target[0] != "/" and target.startswith(("http://", "https://")):
+        slash = target.find("/", target.find("//") + 2)  # absolute-form
         target = target[slash:] if slash >= 0 else "/"
     path, _, query = target.partition("?")
-    headers = []
-    for line in lines[1:]:
+    headers: list[tuple[str, str]] = []
+    request = _Request(method, path, query, version, headers)
+    if not header_block:
+        return request
+    for line in header_block.split("\r\n"):
         name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip():
+        if not colon or not name or name[-1] in " \t" or name[0] in " \t":
             raise _BadRequest(400, "bad header line")
-        headers.append((name, value.strip(" \t")))
-    return _Request(method, path, query, version, headers)
+        value = value.strip(" \t")
+        headers.append((name, value))
+        name_lower = name.lower()
+        if name_lower in _FRAMING_HEADERS:
+            _apply_framing_header(request, name_lower, value)
+    return request
+
+
+def _apply_framing_header(request: _Request, name_lower: str, value: str) -> None:
+    """Record what a header means for body framing and keep-alive."""
+    value_lower = value.lower()
+    if name_lower == "content-length":
+        if not value.isdigit() or not value.isascii():
+            raise _BadRequest(400, "bad content-length")
+        request.content_length = int(value)
+    elif name_lower == "transfer-encoding":
+        if value_lower.rsplit(",", 1)[-1].strip() != "chunked":
+            raise _BadRequest(501, "unsupported transfer-encoding")
+        request.chunked = True
+    elif name_lower == "connection":
+        if "close" in value_lower:
+            request.keep_alive = False
+        elif "keep-alive" in value_lower:
+            request.keep_alive = True
+    elif name_lower == "expect":
+        request.expect_continue = value_lower == "100-continue"
 
 
 def _response_head(status: int, headers: list[tuple[str, str]] = (),
@@ -158,18 +185,20 @@ def _parse_count(text: Optional[str]) -> Optional[int]:
     return int(text)
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     """Serve one client connection: parse, count, answer, keep alive."""
 
     def __init__(self, server: "HttpTestServer"):
         self.server = server
         self.transport: Optional[asyncio.Transport] = None
         self.buffer = bytearray()
+        self.receive_view = memoryview(bytearray(RECEIVE_BUFFER_BYTES))
         self.request: Optional[_Request] = None  # head parsed, body pending
         self.body_length = 0  # -1: chunked
         self.chunk_body: Optional[bytearray] = None
         self.chunk_remaining: Optional[int] = None  # None: expecting size line
         self.busy = False  # an asynchronous response is in progress
+        self.peer_done = False  # the client half-closed: no more requests
         self.closing = False
         self.task: Optional[asyncio.Task] = None
         self.write_resumed: Optional[asyncio.Future] = None
@@ -182,16 +211,20 @@ class _Connection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
         self.server._connections.add(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Lend a reusable receive buffer (avoids a fresh 256 KiB bytes per read)."""
+        return self.receive_view
+
+    def buffer_updated(self, nbytes: int) -> None:
         """Buffer input and answer every complete request unless busy."""
-        self.buffer += data
+        self.buffer += self.receive_view[:nbytes]
         if not self.busy and not self.closing:
             self._process()
 
-    def eof_received(self) -> None:
-        """Close when the client half-closes: it will send no more requests."""
-        self.closing = True
-        return None
+    def eof_received(self) -> Optional[bool]:
+        """Finish a response in progress after a half-close, then close."""
+        self.peer_done = True
+        return True if self.busy else None  # True keeps the transport open
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         """Forget the connection and stop any response still running."""
@@ -207,6 +240,7 @@ class _Connection(asyncio.Protocol):
         """Make streaming responses wait until the client reads."""
         if self.write_resumed is None or self.write_resumed.done():
             self.write_resumed = asyncio.get_running_loop().create_future()
+        self.server._write_paused.set()
 
     def resume_writing(self) -> None:
         """Let streaming responses continue."""
@@ -218,10 +252,10 @@ class _Connection(asyncio.Protocol):
     def _process(self) -> None:
         """Parse and dispatch buffered requests until input or turn runs out."""
         try:
-            while not self.busy and not self.closing:
+            while self.buffer and not self.busy and not self.closing:
                 if self.request is None and not self._read_head():
                     return
-                if not self._read_body():
+                if self.body_length and not self._read_body():
                     return
                 request, self.request = self.request, None
                 self._dispatch(request)
@@ -231,30 +265,26 @@ class _Connection(asyncio.Protocol):
     def _read_head(self) -> bool:
         """Parse the next request head from the buffer if it is complete."""
         buffer = self.buffer
-        while buffer[:2] == b"\r\n":  # tolerate empty lines between requests
+        while buffer.startswith(b"\r\n"):  # tolerate empty lines between requests
             del buffer[:2]
         end = buffer.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES + 4)
         if end < 0:
             if len(buffer) > MAX_HEADER_BYTES:
                 raise _BadRequest(431, "request header fields too large")
             return False
-        request = _parse_head(bytes(buffer[:end]))
+        request = _parse_head(buffer[:end])
         del buffer[:end + 4]
-        if "chunked" in request.header("transfer-encoding").lower():
+        if request.chunked:
             self.body_length = -1
             self.chunk_body = bytearray()
             self.chunk_remaining = None
         else:
-            length_text = request.header("content-length", "0")
-            if not length_text.isdigit():
-                raise _BadRequest(400, "bad content-length")
-            self.body_length = int(length_text)
+            self.body_length = request.content_length
             if self.body_length > MAX_BODY_BYTES:
                 raise _BadRequest(413, "request body too large")
         self.request = request
-        expects_body = self.body_length != 0
-        if (expects_body and request.version == "HTTP/1.1"
-                and request.header("expect").lower() == "100-continue"
+        if (request.expect_continue and self.body_length != 0
+                and request.version == "HTTP/1.1"
                 and (self.body_length < 0 or len(buffer) < self.body_length)):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
@@ -345,6 +375,8 @@ class _Connection(asyncio.Protocol):
         self.busy = False
         if not self.closing:
             self._process()
+        if self.peer_done and not self.busy:
+            self._close()
 
     def _send(self, request: _Request, status: int, body: bytes = b"",
               content_type: Optional[str] = "text/plain",
@@ -392,11 +424,15 @@ class _Connection(asyncio.Protocol):
         self.transport.write(head)
         remaining = length_bytes
         view = memoryview(chunk)
+        chunks_sent = 0
         while remaining > 0:
             await self._drain()
+            if chunks_sent % YIELD_EVERY_CHUNKS == 0:
+                await asyncio.sleep(0)  # be fair to other connections on fast readers
             piece = view if remaining >= len(chunk) else view[:remaining]
             self.transport.write(piece)
             remaining -= len(piece)
+            chunks_sent += 1
         if not request.keep_alive:
             self._close()
 
@@ -639,9 +675,11 @@ class HttpTestServer:
         self.port = port
         self._lock = threading.Lock()
         self._hit_changed = threading.Condition(self._lock)
+        self._waiter_count = 0
         self._hits: collections.Counter[str] = collections.Counter()
         self._log: collections.deque[dict] = collections.deque(maxlen=REQUEST_LOG_SIZE)
         self._connections: set[_Connection] = set()
+        self._write_paused = threading.Event()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._server: Optional[asyncio.base_events.Server] = None
         self._thread: Optional[threading.Thread] = None
@@ -656,7 +694,7 @@ class HttpTestServer:
         ready = threading.Event()
         failure: list[BaseException] = []
         self._thread = threading.Thread(target=self._run, args=(ready, failure),
-                                        name=f"HttpTestServer:{self.port}", daemon=True)
+                                        name=f"HttpTestServer:{self.host}", daemon=True)
         self._thread.start()
         if not ready.wait(STARTUP_TIMEOUT_S):
             raise RuntimeError("test HTTP server did not start in time")
@@ -667,6 +705,8 @@ class HttpTestServer:
 
     def _run(self, ready: threading.Event, failure: list) -> None:
         """Own the event loop: listen, signal readiness, serve until stopped."""
+        if hasattr(signal, "pthread_sigmask"):  # Ctrl-C must reach the main thread
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         loop = asyncio.new_event_loop()
         self._loop = loop
         try:
@@ -732,10 +772,14 @@ class HttpTestServer:
 
     def _record(self, request: _Request) -> None:
         """Count and log a request before it is answered."""
+        entry = {"method": request.method, "path": request.path,
+                 "query": request.query, "headers": request.headers,
+                 "body": request.body}
         with self._lock:
             self._hits[request.path] += 1
-            self._log.append(request.as_dict())
-            self._hit_changed.notify_all()
+            self._log.append(entry)
+            if self._waiter_count:
+                self._hit_changed.notify_all()
 
     def hits(self, path_prefix: str = "/") -> int:
         """Return how many requests arrived for paths starting with a prefix."""
@@ -753,7 +797,11 @@ class HttpTestServer:
                 remaining_s = deadline_s - time.monotonic()
                 if remaining_s <= 0:
                     return False
-                self._hit_changed.wait(remaining_s)
+                self._waiter_count += 1
+                try:
+                    self._hit_changed.wait(remaining_s)
+                finally:
+                    self._waiter_count -= 1
             return True
 
     @property
@@ -767,11 +815,28 @@ class HttpTestServer:
         """Return how many client connections are currently open."""
         return len(self._connections)
 
+    def wait_for_write_pause(self, timeout_s: float = 5.0) -> bool:
+        """Block until a slow reader made some response wait (flow control)."""
+        return self._write_paused.wait(timeout_s)
+
+    def write_buffer_bytes(self) -> int:
+        """Return how many response bytes sit in transport buffers right now."""
+        async def measure() -> int:
+            return sum(c.transport.get_write_buffer_size() for c in self._connections)
+        return asyncio.run_coroutine_threadsafe(measure(), self._loop).result(
+            SHUTDOWN_TIMEOUT_S)
+
     def reset(self) -> None:
-        """Forget all counted hits and logged requests."""
+        """Forget all counted hits, logged requests and flow-control pauses."""
         with self._lock:
             self._hits.clear()
             self._log.clear()
+        self._write_paused.clear()
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    """Turn SIGINT/SIGTERM into a clean shutdown of main()."""
+    raise KeyboardInterrupt
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -780,12 +845,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="loopback address")
     parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     args = parser.parse_args(argv)
-    with HttpTestServer(args.host, args.port) as server:
-        print(server.url, flush=True)
-        try:
+    for signum in (signal.SIGINT, signal.SIGTERM):  # even if inherited as ignored
+        signal.signal(signum, _raise_keyboard_interrupt)
+    try:
+        with HttpTestServer(args.host, args.port) as server:
+            print(server.url, flush=True)
             threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Benchmarks of pgnet-curl end to end: `python -m bench <scenario>`; see bench/RESULTS.md."""

@@ -1,0 +1,5 @@
+"""Run `python -m bench ...` (see bench/cli.py)."""
+
+from .cli import main
+
+main()

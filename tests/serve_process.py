@@ -1,0 +1,79 @@
+"""Run `pgnet-curl serve` as a real subprocess, the way a user does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+import psycopg
+
+from helpers import wait_until
+
+
+def connected_workers(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(
+            "select count(*) from pg_stat_activity where datname = current_database() "
+            "and application_name like 'pgnet-curl worker%'"
+        ).fetchone()[0]
+
+
+class ServeProcess:
+    """A `pgnet-curl serve` subprocess with its log in a file."""
+
+    def __init__(self, dsn: str | None, *args: str, workers: int = 1, env: dict | None = None):
+        self.dsn = dsn
+        self.workers = workers
+        self.log_file = tempfile.NamedTemporaryFile(prefix="serve-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "pgnet_curl", "serve", "--workers", str(workers),
+               "--poll-interval", "0.5", *args]
+        if dsn:
+            cmd += ["--dsn", dsn]
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+        )
+
+    @property
+    def log(self) -> str:
+        with open(self.log_file.name, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+    def wait_ready(self, expected_workers: int | None = None, timeout_s: float = 20) -> "ServeProcess":
+        """Wait until this many workers (default: ours) hold database sessions."""
+        expected = self.workers if expected_workers is None else expected_workers
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.log}")
+            return connected_workers(self.dsn) >= expected
+
+        wait_until(ready, timeout_s, interval_s=0.05, message=f"{expected} connected workers")
+        return self
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(pid) for pid in out.stdout.split()]
+
+    def stop(self, timeout_s: float = 30) -> int:
+        """SIGTERM and wait: the graceful path. Return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"serve did not stop within {timeout_s} s:\n{self.log}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            for pid in self.worker_pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.kill()
+            self.proc.wait(10)
