@@ -41,7 +41,7 @@ class CurlDriver:
     """A CurlMulti whose sockets and timer are watched by the caller's event loop."""
 
     def __init__(self, watch_fd: WatchFd, max_redirects: int = 10, max_host_connections: int = 0,
-                 max_total_connections: int = 0):
+                 max_total_connections: int = 0, max_response_bytes: int = 32 * 1024 * 1024):
         self._watch_fd = watch_fd
         self._multi = pycurl.CurlMulti()
         self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
@@ -52,6 +52,7 @@ class CurlDriver:
             self._multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, max_total_connections)
             self._multi.setopt(pycurl.M_MAXCONNECTS, max_total_connections)
         self._max_redirects = max_redirects
+        self._max_response_bytes = max_response_bytes
         self._transfers: dict[pycurl.Curl, _Transfer] = {}
         self._idle_handles: list[pycurl.Curl] = []
         self._finished: list[Response] = []
@@ -90,6 +91,8 @@ class CurlDriver:
         setopt(pycurl.PROTOCOLS, _HTTP_ONLY)
         setopt(pycurl.REDIR_PROTOCOLS, _HTTP_ONLY)
         setopt(pycurl.USERAGENT, USER_AGENT)
+        # Checked against Content-Length up front and, since libcurl 8.4, while receiving.
+        setopt(pycurl.MAXFILESIZE_LARGE, self._max_response_bytes)
         if request.headers:
             # "Name;" is libcurl's way to send a header with an empty value.
             setopt(pycurl.HTTPHEADER, [
@@ -169,16 +172,20 @@ class CurlDriver:
                     info(pycurl.APPCONNECT_TIME), info(pycurl.PRETRANSFER_TIME), info(pycurl.TOTAL_TIME),
                 ),
             )
+        if code == pycurl.E_FILESIZE_EXCEEDED:
+            message = f"the response is larger than the {self._max_response_bytes}-byte cap (--max-response-bytes)"
         if code:
             return Response(request.id, error_msg=curl_error_text(code, message),
                             duration_s=duration_s, method=request.method)
         content_type = handle.getinfo(pycurl.CONTENT_TYPE)
+        content, content_bytes = decode_body(transfer.body.getvalue(), content_type)
         return Response(
             request.id,
             status_code=handle.getinfo(pycurl.RESPONSE_CODE),
             content_type=content_type,
             headers=parse_final_headers(transfer.headers.getvalue()),
-            content=decode_body(transfer.body.getvalue(), content_type),
+            content=content,
+            content_bytes=content_bytes,
             duration_s=duration_s,
             method=request.method,
         )

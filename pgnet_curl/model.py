@@ -28,6 +28,8 @@ class Response:
     content_type: str | None = None
     headers: dict[str, str] | None = None
     content: str | None = None
+    # The exact body when it is not text (see sql/0002_response_bytes.sql).
+    content_bytes: bytes | None = None
     timed_out: bool = False
     error_msg: str | None = None
     # Not stored: for metrics.

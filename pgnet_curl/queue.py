@@ -53,6 +53,7 @@ class Queue:
             "content_types": [r.content_type for r in responses],
             "headers": [None if r.headers is None else json.dumps(r.headers) for r in responses],
             "contents": [r.content for r in responses],
+            "contents_bytes": [r.content_bytes for r in responses],
             "timed_outs": [r.timed_out for r in responses],
             "error_msgs": [r.error_msg for r in responses],
         }

@@ -32,12 +32,17 @@ _strerror = _load_strerror()
 
 
 def curl_error_text(code: int, detail: str = "") -> str:
-    """Return libcurl's own text for an error code, as pg_net stores it in error_msg."""
+    """Return libcurl's text for an error code, as pg_net stores it, then curl's detail if any.
+
+    The classic texts (connect, resolve) stay exact: pg_net users compare them with `=`.
+    """
     if code in _CLASSIC_STRERROR:
         return _CLASSIC_STRERROR[code]
-    if _strerror is not None:
-        return _strerror(code).decode("utf-8", "replace")
-    return detail or f"libcurl error {code}"
+    text = _strerror(code).decode("utf-8", "replace") if _strerror is not None else f"libcurl error {code}"
+    detail = detail.strip()
+    if detail and detail.lower() != text.lower():
+        return f"{text}: {detail}"
+    return text
 
 
 def timeout_message(timeout_ms: int, namelookup_s: float, connect_s: float, appconnect_s: float,
@@ -66,20 +71,29 @@ def timeout_message(timeout_ms: int, namelookup_s: float, connect_s: float, appc
 
 
 def parse_final_headers(raw: bytes) -> dict[str, str]:
-    """Return the last response's headers (after redirects and 1xx), repeats joined by ', '."""
+    """Return the last response's headers (after redirects and 1xx).
+
+    Repeated names (compared without case; the first spelling is kept) are joined with ', '
+    as RFC 9110 allows. NUL bytes, which jsonb cannot hold, are dropped.
+    """
     headers: dict[str, str] = {}
-    for line in raw.decode("latin-1").split("\r\n"):
+    spelling: dict[str, str] = {}
+    text = raw.decode("latin-1")
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    for line in text.split("\r\n"):
         if line.startswith("HTTP/"):
-            headers = {}
+            headers, spelling = {}, {}
             continue
         name, colon, value = line.partition(":")
         if not colon or not name or name[0] in " \t":
             continue
         value = value.strip()
-        if name in headers:
-            headers[name] = f"{headers[name]}, {value}"
+        key = spelling.setdefault(name.lower(), name)
+        if key in headers:
+            headers[key] = f"{headers[key]}, {value}"
         else:
-            headers[name] = value
+            headers[key] = value
     return headers
 
 
@@ -96,10 +110,18 @@ def charset_of(content_type: str | None) -> str | None:
         return None
 
 
-def decode_body(body: bytes, content_type: str | None) -> str | None:
-    """Return the body as text for the content column; an empty body is NULL."""
+def decode_body(body: bytes, content_type: str | None) -> tuple[str | None, bytes | None]:
+    """Return (content, content_bytes): the body as text when it is text, else its exact bytes.
+
+    Text means: decodes in the declared charset (UTF-8 when none is declared) and holds no
+    NUL byte, which PostgreSQL text cannot store. An empty body is (NULL, NULL).
+    """
     if not body:
-        return None
-    text = body.decode(charset_of(content_type) or "utf-8", errors="replace")
-    # PostgreSQL text cannot hold NUL.
-    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+        return None, None
+    try:
+        text = body.decode(charset_of(content_type) or "utf-8")
+    except UnicodeDecodeError:
+        return None, body
+    if "\x00" in text:
+        return None, body
+    return text, None

@@ -49,7 +49,8 @@ class Worker:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.selector = selectors.DefaultSelector()
         self.driver = CurlDriver(self._watch_curl_fd, max_redirects=settings.max_redirects,
-                                 max_host_connections=settings.max_host_connections)
+                                 max_host_connections=settings.max_host_connections,
+                                 max_response_bytes=settings.max_response_bytes)
         self._curl_fds: set[int] = set()
         self.conn: psycopg.Connection | None = None
         self._db_fd = -1

@@ -31,11 +31,14 @@ with done as (
     where q.id = r.id and q.lease_owner = %(owner)s
     returning q.id
 )
-insert into net._http_response (id, status_code, content_type, headers, content, timed_out, error_msg)
-select r.id, r.status_code, r.content_type, r.headers::jsonb, r.content, r.timed_out, r.error_msg
+insert into net._http_response
+    (id, status_code, content_type, headers, content, content_bytes, timed_out, error_msg)
+select r.id, r.status_code, r.content_type, r.headers::jsonb, r.content, r.content_bytes, r.timed_out,
+       r.error_msg
 from unnest(%(ids)s::bigint[], %(status_codes)s::int[], %(content_types)s::text[],
-            %(headers)s::text[], %(contents)s::text[], %(timed_outs)s::bool[], %(error_msgs)s::text[])
-     as r(id, status_code, content_type, headers, content, timed_out, error_msg)
+            %(headers)s::text[], %(contents)s::text[], %(contents_bytes)s::bytea[],
+            %(timed_outs)s::bool[], %(error_msgs)s::text[])
+     as r(id, status_code, content_type, headers, content, content_bytes, timed_out, error_msg)
 join done using (id)
 on conflict (id) do nothing;
 

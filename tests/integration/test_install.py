@@ -127,3 +127,13 @@ def test_embedded_server_adopts_a_running_cluster(pg_server):
 
     again = EmbeddedPostgres(pg_server.embedded.data_dir)
     assert again.start() == pg_server.embedded.dsn
+
+
+def test_upgrade_from_version_one_keeps_data(empty_db_dsn):
+    _, _, version_one = schema.migrations()[0]
+    with psycopg.connect(empty_db_dsn, autocommit=True) as conn:
+        conn.execute(version_one.encode())
+        conn.execute("insert into net._http_response(id, status_code, content) values (1, 200, 'kept')")
+    assert schema.install(empty_db_dsn) == schema.latest_version()
+    with psycopg.connect(empty_db_dsn) as conn:
+        assert conn.execute("select content, content_bytes from net._http_response").fetchall() == [("kept", None)]

@@ -1,0 +1,162 @@
+"""Every request ends in one clear row: bodies, charsets, headers, redirects, caps, bad servers."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+
+import psycopg
+import pytest
+
+from helpers import wait_until
+from serve_process import ServeProcess
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def served_db(pg_server, http_server):
+    """One database and one `serve` for the module: each test waits for its own rows."""
+    dbname = f"pgnet_responses_{os.getpid()}_{next(_names)}"
+    dsn = pg_server.create_database(dbname)
+    process = ServeProcess(dsn, "--max-response-bytes", str(32 * 1024 * 1024), workers=1).wait_ready()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        yield conn
+    process.kill()
+    pg_server.drop_database(dbname)
+
+
+def fetch(db, url: str, timeout_ms: int = 5000, headers: dict | None = None) -> dict:
+    """Queue a GET, wait for its row and return it as a dict."""
+    request_id = db.execute(
+        "select net.http_get(%s, headers => %s::jsonb, timeout_milliseconds => %s)",
+        (url, json.dumps(headers or {}), timeout_ms),
+    ).fetchone()[0]
+
+    def stored():
+        cur = db.execute("select * from net._http_response where id = %s", (request_id,))
+        values = cur.fetchone()
+        return dict(zip([c.name for c in cur.description], values)) if values else None
+
+    return wait_until(stored, timeout_s=30, message=f"response row of {url}")
+
+
+def test_binary_body_with_every_byte_is_stored_whole(served_db, http_server):
+    row = fetch(served_db, http_server.url_for("/bytes/512"))
+    assert row["status_code"] == 200
+    assert row["content"] is None
+    assert bytes(row["content_bytes"]) == bytes(i % 256 for i in range(512))
+    assert row["content_type"] == "application/octet-stream"
+
+
+def test_latin1_body_with_charset_is_decoded(served_db, http_server):
+    row = fetch(served_db, http_server.url_for("/text?charset=latin-1&text=caf%C3%A9%20%C2%BD"))
+    assert row["content"] == "café ½"
+    assert row["content_bytes"] is None
+    assert row["content_type"] == "text/plain; charset=latin-1"
+
+
+def test_utf8_without_charset_is_text(served_db, http_server):
+    row = fetch(served_db, http_server.url_for("/text?charset=utf-8&text=%E2%98%83&content_type=text/plain"))
+    assert (row["content"], row["content_bytes"]) == ("☃", None)
+
+
+def test_invalid_utf8_without_charset_keeps_the_bytes(served_db, http_server):
+    row = fetch(served_db, http_server.url_for("/text?charset=latin-1&text=caf%C3%A9&content_type=text/plain"))
+    assert row["content"] is None
+    assert bytes(row["content_bytes"]) == b"caf\xe9"
+
+
+def test_empty_and_204_bodies_are_null(served_db, http_server):
+    for path, status in (("/empty", 200), ("/status/204", 204)):
+        row = fetch(served_db, http_server.url_for(path))
+        assert (row["status_code"], row["content"], row["content_bytes"]) == (status, None, None)
+
+
+@pytest.mark.parametrize("status", [201, 301, 404, 418, 503])
+def test_any_status_is_a_response(served_db, http_server, status):
+    row = fetch(served_db, http_server.url_for(f"/status/{status}"))
+    assert (row["status_code"], row["content"], row["timed_out"], row["error_msg"]) == (
+        status, f"status {status}", False, None)
+
+
+def test_redirects_are_followed_and_final_headers_kept(served_db, http_server):
+    row = fetch(served_db, http_server.url_for("/redirect/3"))
+    assert row["status_code"] == 200
+    assert row["headers"]["X-Hop"] == "0"
+    assert json.loads(row["content"])["path"] == "/redirect/0"
+
+
+def test_redirect_to_a_non_http_scheme_is_an_error_row(served_db, http_server):
+    row = fetch(served_db, http_server.url_for("/redirect-to?url=file:///etc/passwd"))
+    assert row["status_code"] is None
+    assert row["error_msg"].startswith("Unsupported protocol")
+
+
+def test_too_many_redirects_is_an_error_row(served_db, http_server):
+    row = fetch(served_db, http_server.url_for("/redirect/15"))
+    assert row["error_msg"].startswith("Number of redirects hit maximum amount")
+
+
+def test_repeated_response_headers_are_joined(served_db, http_server):
+    row = fetch(served_db, http_server.url_for("/headers?X-Multi=1&X-Multi=2&x-multi=3&X-Single=a"))
+    assert row["headers"]["X-Multi"] == "1, 2, 3"
+    assert row["headers"]["X-Single"] == "a"
+
+
+def test_request_headers_are_sent_as_given(served_db, http_server):
+    row = fetch(served_db, http_server.url_for("/echo"),
+                headers={"User-Agent": "mine/1", "X-Spaces": "a  b", "X-Empty": ""})
+    sent = json.loads(row["content"])["headers"]
+    assert [v for n, v in sent if n.lower() == "user-agent"] == ["mine/1"]
+    assert ["X-Spaces", "a  b"] in sent
+    assert ["X-Empty", ""] in sent
+
+
+def test_body_over_the_cap_is_an_error_row(served_db, http_server):
+    row = fetch(served_db, http_server.url_for(f"/large/{64 * 1024 * 1024}"), timeout_ms=30000)
+    assert row["status_code"] is None and row["content"] is None
+    assert row["error_msg"] == ("Maximum file size exceeded: the response is larger than the "
+                                "33554432-byte cap (--max-response-bytes)")
+
+
+def test_timeout_row_says_where_the_time_went(served_db, http_server):
+    row = fetch(served_db, http_server.url_for("/hang"), timeout_ms=300)
+    assert row["timed_out"] is True
+    assert row["status_code"] is None and row["content"] is None
+    assert re.fullmatch(
+        r"Timeout of 300 ms reached\. Total time: \d+\.\d{6} ms \(DNS time: \d+\.\d{6} ms, "
+        r"TCP/SSL handshake time: \d+\.\d{6} ms, HTTP Request/Response time: \d+\.\d{6} ms\)",
+        row["error_msg"],
+    ), row["error_msg"]
+
+
+def test_slowloris_server_times_out(served_db, http_server):
+    row = fetch(served_db, http_server.url_for("/slowloris?ms=100"), timeout_ms=400)
+    assert row["timed_out"] is True
+
+
+@pytest.mark.parametrize(
+    "path, error_start",
+    [
+        ("/disconnect", "Server returned nothing (no headers, no data)"),
+        ("/bad-header", "Weird server reply"),
+        ("/truncated", "Transferred a partial file"),
+        ("/reset", ""),
+        ("/garbage", ""),
+        ("/bad-status", ""),
+    ],
+)
+def test_misbehaving_servers_give_error_rows_and_the_worker_carries_on(served_db, http_server, path, error_start):
+    row = fetch(served_db, http_server.url_for(path))
+    assert row["status_code"] is None
+    assert row["timed_out"] is False
+    assert row["error_msg"] and row["error_msg"].startswith(error_start)
+    assert fetch(served_db, http_server.url_for("/echo"))["status_code"] == 200
+
+
+def test_refused_connection_keeps_pg_net_text(served_db):
+    row = fetch(served_db, "http://127.0.0.1:1/")
+    assert row["error_msg"] == "Couldn't connect to server"
