@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
 
-from . import __version__, schema
+from . import __version__, logs, schema
 from .errors import PgnetCurlError
 
 DSN_ENVVARS = ["PGNET_DSN", "DATABASE_URL"]
@@ -20,10 +19,15 @@ def dsn_option(required: bool):
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "PGNET"})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pgnet-curl")
-def cli() -> None:
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              envvar="PGNET_LOG_LEVEL", show_envvar=True, show_default=True)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              envvar="PGNET_LOG_FORMAT", show_envvar=True, show_default=True)
+def cli(log_level: str, log_format: str) -> None:
     """pg_net's SQL API on any PostgreSQL, served by an external libcurl worker."""
+    logs.configure(log_level, log_format)
 
 
 @cli.command()
@@ -51,6 +55,17 @@ def uninstall(dsn: str) -> None:
 def sql(durable: bool) -> None:
     """Print the install script, for people who run migrations with their own tools."""
     click.echo(schema.install_script(durable), nl=False)
+
+
+@cli.command()
+@dsn_option(required=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--minutes", default=5, show_default=True, help="Window for the response counts.")
+def status(dsn: str, as_json: bool, minutes: int) -> None:
+    """Show queue depth, oldest pending request, recent outcomes, workers and settings."""
+    from . import status as status_module
+
+    click.echo(status_module.render(status_module.collect(dsn, minutes), as_json))
 
 
 def _serve_options(function):
@@ -82,19 +97,23 @@ def _serve_options(function):
               help="Where the embedded PostgreSQL keeps its data when no DSN is given.")
 @click.option("--install", "install_schema", is_flag=True, envvar="PGNET_INSTALL",
               help="Install or upgrade the net schema before serving.")
-def serve(dsn, data_dir, install_schema, **tuning) -> None:
+@click.option("--metrics-port", type=int, envvar="PGNET_METRICS_PORT", show_envvar=True,
+              help="Serve /metrics and /healthz on this port (default: off).")
+@click.option("--metrics-host", default="0.0.0.0", envvar="PGNET_METRICS_HOST", show_envvar=True,
+              show_default=True, help="Address for --metrics-port.")
+def serve(dsn, data_dir, install_schema, metrics_port, metrics_host, **tuning) -> None:
     """Send the requests queued in the database and store their responses.
 
     With no DSN, starts an embedded PostgreSQL in --data-dir and serves that.
     """
     from .serve import serve as run_serve
 
-    sys.exit(run_serve(dsn=dsn, data_dir=data_dir, install_schema=install_schema, tuning=tuning))
+    sys.exit(run_serve(dsn=dsn, data_dir=data_dir, install_schema=install_schema, tuning=tuning,
+                       metrics_host=metrics_host, metrics_port=metrics_port))
 
 
 def main() -> None:
     """Run the CLI, turning our errors into a message and a meaningful exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

@@ -72,8 +72,7 @@ class CurlDriver:
         except (pycurl.error, TypeError, ValueError, UnicodeEncodeError) as exc:
             handle.reset()
             self._idle_handles.append(handle)
-            self._finished.append(Response(request.id, error_msg=f"Invalid request: {exc}",
-                                           method=request.method))
+            self._finished.append(Response(request.id, error_msg=f"Invalid request: {exc}", request=request))
             return
         self._transfers[handle] = transfer
         self._multi.add_handle(handle)
@@ -166,7 +165,7 @@ class CurlDriver:
         if code == pycurl.E_OPERATION_TIMEDOUT:
             info = handle.getinfo
             return Response(
-                request.id, timed_out=True, duration_s=duration_s, method=request.method,
+                request.id, timed_out=True, duration_s=duration_s, request=request,
                 error_msg=timeout_message(
                     request.timeout_ms, info(pycurl.NAMELOOKUP_TIME), info(pycurl.CONNECT_TIME),
                     info(pycurl.APPCONNECT_TIME), info(pycurl.PRETRANSFER_TIME), info(pycurl.TOTAL_TIME),
@@ -176,7 +175,7 @@ class CurlDriver:
             message = f"the response is larger than the {self._max_response_bytes}-byte cap (--max-response-bytes)"
         if code:
             return Response(request.id, error_msg=curl_error_text(code, message),
-                            duration_s=duration_s, method=request.method)
+                            duration_s=duration_s, request=request)
         content_type = handle.getinfo(pycurl.CONTENT_TYPE)
         content, content_bytes = decode_body(transfer.body.getvalue(), content_type)
         return Response(
@@ -187,7 +186,7 @@ class CurlDriver:
             content=content,
             content_bytes=content_bytes,
             duration_s=duration_s,
-            method=request.method,
+            request=request,
         )
 
     # libcurl callbacks: only record what libcurl asks for; never call back into libcurl here.

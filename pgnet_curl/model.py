@@ -34,4 +34,4 @@ class Response:
     error_msg: str | None = None
     # Not stored: for metrics.
     duration_s: float = 0.0
-    method: str = ""
+    request: Request | None = None

@@ -75,3 +75,8 @@ class Queue:
     def delete_expired(self, ttl_s: float, limit: int) -> int:
         with database_errors("deleting expired responses"):
             return self.conn.execute(self._sql["delete_expired"], {"ttl_s": ttl_s, "limit": limit}).rowcount
+
+    def sample(self) -> tuple[int, float | None]:
+        """Return (requests queued or in flight, age in seconds of the oldest one or None)."""
+        with database_errors("sampling the queue"):
+            return self.conn.execute(self._sql["sample"]).fetchone()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import psycopg
 
-from .db import database_errors
-from .errors import SchemaError
+from . import db
+from .errors import DatabaseUnavailable, SchemaError
 
 # Serialises concurrent installs of the same database (any constant works; this spells "pgnet").
 INSTALL_LOCK_KEY = 0x70676E6574
@@ -66,7 +66,7 @@ def _persistence_sql(durable: bool) -> str:
 
 def installed_version(conn: psycopg.Connection) -> int | None:
     """Return the schema version installed in the connected database, or None."""
-    with database_errors("reading the schema version"):
+    with db.database_errors("reading the schema version"):
         return _installed_version(conn)
 
 
@@ -83,14 +83,16 @@ def install(dsn: str, durable: bool | None = None) -> int:
     durable=True makes the tables logged (they survive a crash), False unlogged (pg_net's
     choice), None leaves an existing install as it is (new installs are unlogged).
     """
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            if durable is None and installed_version(conn) is not None:
+    with db.connect(dsn, "pgnet-curl install") as conn:
+        try:
+            if durable is None and _installed_version(conn) is not None:
                 durable = _is_logged(conn)
             conn.execute(install_script(bool(durable)).encode())
-            return installed_version(conn)
-    except psycopg.Error as exc:
-        raise SchemaError(f"could not install the net schema: {exc}") from exc
+            return _installed_version(conn)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise DatabaseUnavailable(f"lost the database while installing the net schema: {exc}") from exc
+        except psycopg.Error as exc:
+            raise SchemaError(f"could not install the net schema: {exc}") from exc
 
 
 def _is_logged(conn: psycopg.Connection) -> bool:
@@ -102,8 +104,5 @@ def _is_logged(conn: psycopg.Connection) -> bool:
 
 def uninstall(dsn: str) -> None:
     """Drop schema net and everything in it: queued requests and stored responses too."""
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("drop schema if exists net cascade")
-    except psycopg.Error as exc:
-        raise SchemaError(f"could not uninstall the net schema: {exc}") from exc
+    with db.connect(dsn, "pgnet-curl uninstall") as conn, db.database_errors("dropping the net schema"):
+        conn.execute("drop schema if exists net cascade")

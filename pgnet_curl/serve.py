@@ -8,8 +8,7 @@ from pathlib import Path
 import click
 import platformdirs
 
-from . import schema, settings as settings_module
-from .supervisor import Supervisor
+from . import metrics_dir, schema, settings as settings_module
 
 log = logging.getLogger("pgnet_curl.serve")
 
@@ -25,8 +24,12 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("pgnet-curl"))
 
 
-def serve(dsn: str | None, data_dir: str | None, install_schema: bool, tuning: dict) -> int:
+def serve(dsn: str | None, data_dir: str | None, install_schema: bool, tuning: dict,
+          metrics_host: str = "0.0.0.0", metrics_port: int | None = None) -> int:
     """Serve until stopped; return the exit code."""
+    metrics_dir.prepare()
+    from .supervisor import Supervisor  # after prepare(): it imports prometheus_client
+
     values = {_FLAG_TO_SETTING.get(name, name): value for name, value in tuning.items()}
     embedded = None
     if not dsn:
@@ -41,7 +44,7 @@ def serve(dsn: str | None, data_dir: str | None, install_schema: bool, tuning: d
             version = schema.install(dsn)
             log.info("net schema version %d installed", version)
         settings = settings_module.build(dsn=dsn, **values)
-        supervisor = Supervisor(settings)
+        supervisor = Supervisor(settings, metrics_host, metrics_port)
         supervisor.check_database()
         if embedded:
             click.echo(f"\nConnect with:  psql {dsn}\n"

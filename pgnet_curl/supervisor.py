@@ -8,7 +8,9 @@ import signal
 import time
 from dataclasses import dataclass
 
-from . import db, schema
+from prometheus_client import multiprocess
+
+from . import db, metrics, ops_server, schema
 from .errors import SchemaError
 from .settings import Settings
 
@@ -36,8 +38,11 @@ class _Slot:
 class Supervisor:
     """Keep settings.workers worker processes running until told to stop."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, metrics_host: str = "0.0.0.0", metrics_port: int | None = None):
         self.settings = settings
+        self.metrics_host = metrics_host
+        self.metrics_port = metrics_port
+        self._ops_server = None
         self.slots = [_Slot(index) for index in range(1, settings.workers + 1)]
         self.stopping = False
         self._kill_at_s = 0.0
@@ -59,6 +64,9 @@ class Supervisor:
         """Supervise until SIGTERM/SIGINT and every worker has exited; return the exit code."""
         signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
         try:
+            if self.metrics_port is not None:
+                # Started with the signals blocked, so they all reach sigtimedwait below.
+                self._ops_server = ops_server.start(self.metrics_host, self.metrics_port, self.health)
             for slot in self.slots:
                 self._spawn(slot)
             log.info("serving with %d workers (max_inflight=%d each)", len(self.slots), self.settings.max_inflight)
@@ -71,9 +79,24 @@ class Supervisor:
                 if self.stopping and time.monotonic() >= self._kill_at_s:
                     self._signal_workers(signal.SIGKILL)
         finally:
+            if self._ops_server is not None:
+                self._ops_server.shutdown()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)
         log.info("all workers stopped")
         return 0
+
+    def health(self) -> tuple[bool, dict]:
+        """Healthy when every worker runs and holds its database connection."""
+        alive = len(self._alive())
+        connected = ops_server.connected_workers()
+        details = {"workers": len(self.slots), "alive": alive, "connected": connected}
+        if self.stopping:
+            return False, {**details, "reason": "shutting down"}
+        if alive < len(self.slots):
+            return False, {**details, "reason": f"{alive} of {len(self.slots)} workers running"}
+        if connected < alive:
+            return False, {**details, "reason": f"{connected} of {alive} workers connected to the database"}
+        return True, details
 
     def _alive(self) -> list[_Slot]:
         return [slot for slot in self.slots if slot.pid is not None]
@@ -119,7 +142,9 @@ class Supervisor:
                     self._on_exit(slot, status)
 
     def _on_exit(self, slot: _Slot, status: int) -> None:
+        multiprocess.mark_process_dead(slot.pid)
         slot.pid = None
+        metrics.workers_alive.set(len(self._alive()))
         if self.stopping:
             return
         lived_s = time.monotonic() - slot.started_s
@@ -139,6 +164,7 @@ class Supervisor:
         for slot in self.slots:
             if slot.pid is None and now >= slot.restart_at_s:
                 self.restarts += 1
+                metrics.worker_restarts_total.inc()
                 self._spawn(slot)
 
     def _spawn(self, slot: _Slot) -> None:
@@ -146,6 +172,7 @@ class Supervisor:
         if pid == 0:
             os._exit(_worker_main(self.settings, slot.index))
         slot.pid, slot.started_s = pid, time.monotonic()
+        metrics.workers_alive.set(len(self._alive()))
 
 
 def _worker_main(settings: Settings, index: int) -> int:

@@ -18,7 +18,7 @@ import time
 import psycopg
 import pycurl
 
-from . import db, schema
+from . import db, metrics, schema
 from .curl_driver import CurlDriver
 from .errors import DatabaseUnavailable, PgnetCurlError, SchemaError
 from .model import Response
@@ -158,6 +158,7 @@ class Worker:
             if not self.pending:
                 self._oldest_pending_s = now
             self.pending.extend(finished)
+            self._count_finished(finished)
         if self.conn is None:
             if now >= self._reconnect_at_s:
                 self._connect()
@@ -165,6 +166,14 @@ class Worker:
         self._maybe_flush(now)
         self._periodic(now)
         self._maybe_claim()
+
+    def _count_finished(self, finished: list[Response]) -> None:
+        for response in finished:
+            metrics.requests_total.labels(
+                metrics.method_label(response.request.method), metrics.outcome(response.status_code, response.timed_out)
+            ).inc()
+            metrics.http_duration_seconds.observe(response.duration_s)
+        metrics.inflight_requests.set(self.driver.inflight)
 
     def _select_timeout_s(self) -> float:
         now = time.monotonic()
@@ -234,11 +243,15 @@ class Worker:
         except PgnetCurlError as exc:
             self._on_db_error(exc)
             return
+        now_epoch_s = time.time()
         for request in requests:
             if request.attempts > 1:
                 self.stats["reclaimed"] += 1
+                metrics.lease_reclaims_total.inc()
+            metrics.queue_wait_seconds.observe(max(0.0, now_epoch_s - request.created_epoch_s))
             self.driver.add(request)
         self.stats["claimed"] += len(requests)
+        metrics.inflight_requests.set(self.driver.inflight)
         # A full batch means more are probably waiting: claim again as slots free up.
         self.want_claim = len(requests) == limit
 
@@ -258,13 +271,24 @@ class Worker:
         """Write pending responses in batches of write_batch_size (all of them if everything)."""
         while self.pending:
             batch = self.pending[: self.settings.write_batch_size]
+            started_s = time.monotonic()
             written = self._write(batch)
             del self.pending[: len(batch)]
-            self.stats["written"] += written
-            self.stats["lease_lost"] += len(batch) - written
+            self._count_written(batch, written, time.monotonic() - started_s)
             self._oldest_pending_s = time.monotonic()
             if not everything and len(self.pending) < self.settings.write_batch_size:
                 break
+
+    def _count_written(self, batch: list[Response], written: int, duration_s: float) -> None:
+        self.stats["written"] += written
+        self.stats["lease_lost"] += len(batch) - written
+        metrics.write_batch_duration_seconds.observe(duration_s)
+        metrics.write_batch_size.observe(len(batch))
+        if len(batch) > written:
+            metrics.lease_lost_total.inc(len(batch) - written)
+        now_epoch_s = time.time()
+        for response in batch:
+            metrics.end_to_end_seconds.observe(max(0.0, now_epoch_s - response.request.created_epoch_s))
 
     def _write(self, batch: list[Response]) -> int:
         """Write a batch; if the database refuses it, write row by row so one bad row loses nothing."""
@@ -282,7 +306,7 @@ class Worker:
         """Store an error row for a response the database would not take as it was."""
         replacement = Response(response.id, status_code=response.status_code,
                                content_type=response.content_type,
-                               error_msg=f"the response could not be stored: {exc}", method=response.method)
+                               error_msg=f"the response could not be stored: {exc}", request=response.request)
         return self.queue.write([replacement])
 
     # ---- database side ---------------------------------------------------------------------
@@ -328,6 +352,7 @@ class Worker:
         self.conn, self.queue = conn, queue
         self._db_fd = conn.fileno()
         self.selector.register(self._db_fd, selectors.EVENT_READ, _DB)
+        metrics.worker_db_connected.set(1)
         if self._reconnect_delay_s > RECONNECT_MIN_S or self.stats["reconnects"]:
             log.info("worker %d reconnected to the database", self.index)
         self._reconnect_delay_s = RECONNECT_MIN_S
@@ -345,6 +370,7 @@ class Worker:
     def _on_db_error(self, exc: PgnetCurlError) -> None:
         """Drop the connection and reconnect later; in-flight transfers carry on meanwhile."""
         self.stats["reconnects"] += 1
+        metrics.db_reconnects_total.inc()
         self._disconnect()
         self._schedule_reconnect(exc)
 
@@ -361,6 +387,7 @@ class Worker:
         except psycopg.Error:
             pass
         self.conn = self.queue = None
+        metrics.worker_db_connected.set(0)
 
     # ---- housekeeping ----------------------------------------------------------------------
 
@@ -373,6 +400,8 @@ class Worker:
             if now >= self._next_poll_s:
                 self.want_claim = True
                 self._next_poll_s = now + self.settings.poll_interval_s
+                if self.index == 1:
+                    self._sample_queue()
             if self._reload_requested or now >= self._next_settings_s:
                 self._reload_settings()
                 self._next_settings_s = now + self.settings.settings_refresh_s
@@ -409,8 +438,16 @@ class Worker:
                      self.settings.ttl)
         self.want_claim = True
 
+    def _sample_queue(self) -> None:
+        """Queue depth and oldest pending age, sampled at the poll by one worker (not per request)."""
+        depth, oldest_age_s = self.queue.sample()
+        metrics.queue_depth.set(depth)
+        metrics.queue_oldest_pending_seconds.set(oldest_age_s or 0.0)
+
     def _sweep_expired(self) -> None:
         ttl_s = self.settings.ttl.total_seconds()
         for _ in range(_TTL_SWEEP_MAX_STATEMENTS):
-            if self.queue.delete_expired(ttl_s, self.settings.ttl_sweep_rows) < self.settings.ttl_sweep_rows:
+            deleted = self.queue.delete_expired(ttl_s, self.settings.ttl_sweep_rows)
+            metrics.responses_expired_total.inc(deleted)
+            if deleted < self.settings.ttl_sweep_rows:
                 break

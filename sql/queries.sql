@@ -60,3 +60,37 @@ where ctid = any(array(
     where created < now() - make_interval(secs => %(ttl_s)s)
     limit %(limit)s
 ));
+
+-- name: sample
+-- Queue depth and the age in seconds of the oldest request (ids follow creation order).
+select (select count(*) from net.http_request_queue),
+       (select extract(epoch from clock_timestamp() - created_at)::float8
+        from net.http_request_queue order by id limit 1);
+
+-- name: status_queue
+-- For `pgnet-curl status`: waiting and leased requests, and the oldest one's age in seconds.
+select count(*) filter (where lease_expires_at is null or lease_expires_at <= clock_timestamp()),
+       count(*) filter (where lease_expires_at > clock_timestamp()),
+       extract(epoch from clock_timestamp() - min(created_at))::float8
+from net.http_request_queue;
+
+-- name: status_outcomes
+-- Responses stored in the last %(minutes)s minutes, by the outcome labels of the metrics.
+select outcome, count(*)
+from (
+    select case when timed_out then 'timeout'
+                when status_code is null then 'error'
+                when status_code >= 500 then 'http_5xx'
+                when status_code >= 400 then 'http_4xx'
+                else 'success' end as outcome
+    from net._http_response
+    where created > now() - make_interval(mins => %(minutes)s)
+) as recent
+group by outcome;
+
+-- name: status_workers
+-- Worker sessions connected to this database.
+select application_name, host(client_addr), backend_start, state
+from pg_stat_activity
+where datname = current_database() and application_name like 'pgnet-curl worker%%'
+order by backend_start;

@@ -1,0 +1,81 @@
+"""Prometheus metrics, in multiprocess mode: workers record, the supervisor serves the sum.
+
+Import this only after metrics_dir.prepare() (prometheus_client picks its storage on import).
+No URL, header or body ever becomes a label (cardinality, secrets).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+requests_total = Counter(
+    "pgnet_curl_requests_total", "Requests finished, by method and outcome "
+    "(success: 1xx-3xx; http_4xx; http_5xx; timeout; error).", ["method", "outcome"])
+http_duration_seconds = Histogram(
+    "pgnet_curl_http_duration_seconds", "Time from handing a request to curl to its end.",
+    buckets=_LATENCY_BUCKETS_S)
+queue_wait_seconds = Histogram(
+    "pgnet_curl_queue_wait_seconds", "Time from a request's transaction start to its claim.",
+    buckets=_LATENCY_BUCKETS_S)
+end_to_end_seconds = Histogram(
+    "pgnet_curl_end_to_end_seconds", "Time from a request's transaction start to its response row.",
+    buckets=_LATENCY_BUCKETS_S)
+write_batch_duration_seconds = Histogram(
+    "pgnet_curl_write_batch_duration_seconds", "Duration of one write-back statement.",
+    buckets=_LATENCY_BUCKETS_S)
+write_batch_size = Histogram(
+    "pgnet_curl_write_batch_size", "Responses written by one write-back statement.", buckets=_BATCH_BUCKETS)
+inflight_requests = Gauge(
+    "pgnet_curl_inflight_requests", "Requests in flight (summed over workers).", multiprocess_mode="livesum")
+queue_depth = Gauge(
+    "pgnet_curl_queue_depth", "Requests waiting or in flight in net.http_request_queue (sampled).",
+    multiprocess_mode="livemostrecent")
+queue_oldest_pending_seconds = Gauge(
+    "pgnet_curl_queue_oldest_pending_seconds", "Age of the oldest request not yet answered (sampled).",
+    multiprocess_mode="livemostrecent")
+workers_alive = Gauge(
+    "pgnet_curl_workers_alive", "Worker processes running (set by the supervisor).", multiprocess_mode="livesum")
+worker_db_connected = Gauge(
+    "pgnet_curl_worker_db_connected", "Workers holding a database connection.", multiprocess_mode="livesum")
+worker_restarts_total = Counter(
+    "pgnet_curl_worker_restarts_total", "Worker processes restarted after dying.")
+db_reconnects_total = Counter(
+    "pgnet_curl_db_reconnects_total", "Database connections lost and re-established by workers.")
+lease_reclaims_total = Counter(
+    "pgnet_curl_lease_reclaims_total", "Requests claimed again after another worker's lease expired.")
+lease_lost_total = Counter(
+    "pgnet_curl_lease_lost_total", "Responses not written because the lease had passed to another worker.")
+responses_expired_total = Counter(
+    "pgnet_curl_responses_expired_total", "Responses deleted after pg_net.ttl.")
+
+METRIC_NAMES = frozenset({
+    "pgnet_curl_requests_total", "pgnet_curl_http_duration_seconds", "pgnet_curl_queue_wait_seconds",
+    "pgnet_curl_end_to_end_seconds", "pgnet_curl_write_batch_duration_seconds", "pgnet_curl_write_batch_size",
+    "pgnet_curl_inflight_requests", "pgnet_curl_queue_depth", "pgnet_curl_queue_oldest_pending_seconds",
+    "pgnet_curl_workers_alive", "pgnet_curl_worker_db_connected", "pgnet_curl_worker_restarts_total", "pgnet_curl_db_reconnects_total",
+    "pgnet_curl_lease_reclaims_total", "pgnet_curl_lease_lost_total", "pgnet_curl_responses_expired_total",
+})
+
+
+_KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """Known methods as themselves, any other token as OTHER: labels stay few."""
+    return method if method in _KNOWN_METHODS else "OTHER"
+
+
+def outcome(status_code: int | None, timed_out: bool) -> str:
+    """Label a finished request without looking at anything user-controlled but its status."""
+    if timed_out:
+        return "timeout"
+    if status_code is None:
+        return "error"
+    if status_code >= 500:
+        return "http_5xx"
+    if status_code >= 400:
+        return "http_4xx"
+    return "success"

@@ -1,0 +1,88 @@
+"""`pgnet-curl status`: is it working, and how far behind is it?"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from . import db, schema
+from .queue import queries
+from .settings import DEFAULT_BATCH_SIZE, DEFAULT_TTL
+
+OUTCOMES = ("success", "http_4xx", "http_5xx", "timeout", "error")
+# Oldest waiting request older than this (seconds) reads as "behind".
+BEHIND_AFTER_S = 10.0
+
+
+def collect(dsn: str, minutes: int = 5) -> dict:
+    """Read the queue, recent outcomes, connected workers and settings in one go."""
+    sql = queries()
+    conn = db.connect(dsn, "pgnet-curl status")
+    dbname = conn.info.dbname
+    try:
+        with db.database_errors("reading status"):
+            version = schema.installed_version(conn)
+            if version is None:
+                return {"database": dbname, "schema_version": None,
+                        "verdict": "no net schema: run pgnet-curl install"}
+            waiting, in_flight, oldest_s = conn.execute(sql["status_queue"]).fetchone()
+            outcomes = dict(conn.execute(sql["status_outcomes"], {"minutes": minutes}).fetchall())
+            workers = conn.execute(sql["status_workers"]).fetchall()
+            batch_size, ttl = conn.execute(sql["read_settings"]).fetchone()
+    finally:
+        conn.close()
+    report = {
+        "database": dbname,
+        "schema_version": version,
+        "queue": {"waiting": waiting, "in_flight": in_flight, "oldest_pending_s": oldest_s},
+        "responses": {"minutes": minutes, **{name: outcomes.get(name, 0) for name in OUTCOMES}},
+        "workers": [
+            {"application_name": name, "client_addr": addr, "connected_since": started.isoformat(), "state": state}
+            for name, addr, started, state in workers
+        ],
+        "settings": {
+            "pg_net.batch_size": batch_size or f"{DEFAULT_BATCH_SIZE} (default)",
+            "pg_net.ttl": ttl or f"{_human_interval(DEFAULT_TTL.total_seconds())} (default)",
+        },
+    }
+    report["verdict"] = verdict(report)
+    return report
+
+
+def verdict(report: dict) -> str:
+    """One line answering the question status exists for."""
+    queue, workers = report["queue"], report["workers"]
+    pending = queue["waiting"] + queue["in_flight"]
+    if not workers:
+        return f"DOWN: no worker connected; {pending} requests waiting" if pending else "DOWN: no worker connected"
+    if queue["oldest_pending_s"] is not None and queue["oldest_pending_s"] > BEHIND_AFTER_S:
+        return f"BEHIND: {pending} requests pending, oldest {queue['oldest_pending_s']:.1f} s old"
+    return f"OK: {len(workers)} workers connected, {pending} requests pending"
+
+
+def render(report: dict, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(report, indent=2)
+    if report.get("schema_version") is None:
+        return f"database {report['database']}: {report['verdict']}"
+    queue, responses = report["queue"], report["responses"]
+    oldest = "-" if queue["oldest_pending_s"] is None else f"{queue['oldest_pending_s']:.1f} s"
+    lines = [
+        report["verdict"],
+        f"database   {report['database']} (net schema v{report['schema_version']})",
+        f"queue      {queue['waiting']} waiting, {queue['in_flight']} in flight, oldest {oldest}",
+        f"responses  last {responses['minutes']} min: "
+        + ", ".join(f"{name} {responses[name]}" for name in OUTCOMES),
+        f"workers    {len(report['workers'])} connected",
+    ]
+    for worker in report["workers"]:
+        since = datetime.fromisoformat(worker["connected_since"]).strftime("%Y-%m-%d %H:%M:%S")
+        lines.append(f"           {worker['application_name']} from {worker['client_addr'] or 'local socket'} "
+                     f"since {since} ({worker['state']})")
+    lines.append("settings   " + ", ".join(f"{name}={value}" for name, value in report["settings"].items()))
+    return "\n".join(lines)
+
+
+def _human_interval(seconds: float) -> str:
+    hours = seconds / 3600
+    return f"{hours:g} hours" if hours >= 1 else f"{seconds:g} seconds"
