@@ -81,6 +81,7 @@ def _serve_options(function):
         ("--poll-interval", float, "Seconds between safety polls of the queue (default 5)."),
         ("--drain-timeout", float, "Seconds in-flight requests get on shutdown (default 10)."),
         ("--max-redirects", int, "Redirects followed per request (default 10)."),
+        ("--max-attempts", int, "Claims without an answer before an error row (default 5)."),
         ("--max-response-bytes", int, "Larger bodies end in an error row (default 32 MiB)."),
         ("--max-host-connections", int, "Connections per destination host (default: no limit)."),
     ]

@@ -13,6 +13,10 @@ from .errors import DatabaseUnavailable, PgnetCurlError, SchemaError
 WAKE_CHANNEL = "pgnet_curl_wake"
 CONTROL_CHANNEL = "pgnet_curl_control"
 CONNECT_TIMEOUT_S = 10
+# Notice a dead peer or a cut network within about 20 s instead of TCP's minutes: an idle
+# LISTEN connection probes with keepalives; unacknowledged sends give up after the user timeout.
+_TCP_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3, "keepalives_count": 3,
+                "tcp_user_timeout": 20000}
 
 
 @contextlib.contextmanager
@@ -35,7 +39,8 @@ def connect(dsn: str, application_name: str, listen: bool = False) -> psycopg.Co
     """Open an autocommit connection named in pg_stat_activity; LISTEN for wakes if asked."""
     with database_errors("connecting to the database"):
         conn = psycopg.connect(
-            dsn, autocommit=True, application_name=application_name, connect_timeout=CONNECT_TIMEOUT_S
+            dsn, autocommit=True, application_name=application_name, connect_timeout=CONNECT_TIMEOUT_S,
+            **_TCP_OPTIONS,
         )
         if listen:
             conn.execute(f"listen {WAKE_CHANNEL}; listen {CONTROL_CHANNEL}")

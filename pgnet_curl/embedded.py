@@ -52,6 +52,8 @@ def free_port(preferred: int = DEFAULT_PORT) -> int:
     """Return preferred if nothing listens on it on 127.0.0.1 (0: any), else any free port."""
     for port in (preferred, 0):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # As PostgreSQL binds: connections of a previous run in TIME_WAIT do not block it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:

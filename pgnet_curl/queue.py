@@ -67,6 +67,11 @@ class Queue:
         with database_errors("releasing requests"):
             return self.conn.execute(self._sql["release"], {"ids": ids, "owner": self.owner}).rowcount
 
+    def release_all(self) -> int:
+        """Give back every request leased to this owner (a dead worker's, named by its supervisor)."""
+        with database_errors("releasing a dead worker's requests"):
+            return self.conn.execute(self._sql["release_all"], {"owner": self.owner}).rowcount
+
     def read_settings(self) -> tuple[str | None, str | None]:
         """Return (pg_net.batch_size, pg_net.ttl) as the database has them, None when unset."""
         with database_errors("reading pg_net settings"):

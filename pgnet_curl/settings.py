@@ -40,6 +40,8 @@ class Settings:
     ttl_sweep_rows: int = 1000
     # Graceful shutdown: in-flight requests get this long to finish before being released.
     drain_timeout_s: float = 10.0
+    # A request claimed this many times without an answer (its workers died) gets an error row.
+    max_attempts: int = 5
     # Larger response bodies end the transfer with an error row.
     max_response_bytes: int = 32 * 1024 * 1024
     # Redirects followed per request at most.
@@ -75,7 +77,7 @@ def build(**overrides) -> Settings:
 
 def _validate(settings: Settings) -> None:
     for name in ("workers", "batch_size", "max_inflight", "write_batch_size", "ttl_sweep_rows",
-                 "max_response_bytes"):
+                 "max_response_bytes", "max_attempts"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
     for name in ("lease_grace_s", "flush_interval_ms", "poll_interval_s", "drain_timeout_s"):

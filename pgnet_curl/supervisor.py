@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
+import socket
 import time
 from dataclasses import dataclass
 
 from prometheus_client import multiprocess
 
 from . import db, metrics, ops_server, schema
-from .errors import SchemaError
+from .errors import PgnetCurlError, SchemaError
+from .queue import Queue
 from .settings import Settings
 
 log = logging.getLogger("pgnet_curl.supervisor")
@@ -46,6 +49,8 @@ class Supervisor:
         self.slots = [_Slot(index) for index in range(1, settings.workers + 1)]
         self.stopping = False
         self._kill_at_s = 0.0
+        # Workers' lease owner names are hostname:run_id:pid, so a dead child's leases can be named.
+        self.run_id = secrets.token_hex(4)
         self.restarts = 0
 
     def check_database(self) -> int:
@@ -142,9 +147,12 @@ class Supervisor:
                     self._on_exit(slot, status)
 
     def _on_exit(self, slot: _Slot, status: int) -> None:
-        multiprocess.mark_process_dead(slot.pid)
+        pid = slot.pid
+        multiprocess.mark_process_dead(pid)
         slot.pid = None
         metrics.workers_alive.set(len(self._alive()))
+        if os.WIFSIGNALED(status) or os.waitstatus_to_exitcode(status) != 0:
+            self._release_leases_of(pid)
         if self.stopping:
             return
         lived_s = time.monotonic() - slot.started_s
@@ -156,6 +164,23 @@ class Supervisor:
         else:
             how = f"exited with code {os.waitstatus_to_exitcode(status)}"
         log.warning("worker %d %s after %.1f s; restarting in %.1f s", slot.index, how, lived_s, delay_s)
+
+    def _release_leases_of(self, pid: int) -> None:
+        """Hand a dead worker's claimed requests back now instead of at lease expiry."""
+        from .worker import lease_owner
+
+        owner = lease_owner(socket.gethostname(), self.run_id, pid)
+        try:
+            conn = db.connect(self.settings.dsn, "pgnet-curl supervisor")
+            try:
+                released = Queue(conn, owner).release_all()
+            finally:
+                conn.close()
+        except PgnetCurlError as exc:
+            log.warning("could not release the requests of worker pid %d (%s); their leases will expire", pid, exc)
+            return
+        if released:
+            log.info("released %d requests claimed by dead worker pid %d", released, pid)
 
     def _restart_due(self) -> None:
         if self.stopping:
@@ -170,19 +195,19 @@ class Supervisor:
     def _spawn(self, slot: _Slot) -> None:
         pid = os.fork()
         if pid == 0:
-            os._exit(_worker_main(self.settings, slot.index))
+            os._exit(_worker_main(self.settings, slot.index, self.run_id))
         slot.pid, slot.started_s = pid, time.monotonic()
         metrics.workers_alive.set(len(self._alive()))
 
 
-def _worker_main(settings: Settings, index: int) -> int:
+def _worker_main(settings: Settings, index: int, run_id: str) -> int:
     """Entry point of a forked worker process."""
     from .worker import Worker
 
     # SIGTERM/SIGINT/SIGHUP stay blocked until the worker has its handlers in place.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     try:
-        return Worker(settings, index).run()
+        return Worker(settings, index, run_id).run()
     except BaseException:  # noqa: BLE001 - a worker must report, never unwind into the parent's code
         log.exception("worker %d crashed", index)
         return 1

@@ -21,7 +21,7 @@ import pycurl
 from . import db, metrics, schema
 from .curl_driver import CurlDriver
 from .errors import DatabaseUnavailable, PgnetCurlError, SchemaError
-from .model import Response
+from .model import Request, Response
 from .queue import Queue
 from .settings import Settings
 
@@ -38,15 +38,20 @@ RECONNECT_MIN_S, RECONNECT_MAX_S = 0.1, 10.0
 _TTL_SWEEP_MAX_STATEMENTS = 10
 
 
+def lease_owner(hostname: str, run_id: str, pid: int) -> str:
+    """Name a worker process in the lease columns; the supervisor can name a dead child too."""
+    return f"{hostname}:{run_id}:{pid}"
+
+
 class Worker:
     """Claim requests, send them through curl, write responses back; until told to stop."""
 
-    def __init__(self, settings: Settings, index: int = 1):
+    def __init__(self, settings: Settings, index: int = 1, run_id: str | None = None):
         self.settings = settings
         self.index = index
         self.application_name = f"pgnet-curl worker {index}"
         # Unique per process: a lease held by a dead process can never be mistaken for ours.
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.owner = lease_owner(socket.gethostname(), run_id or secrets.token_hex(4), os.getpid())
         self.selector = selectors.DefaultSelector()
         self.driver = CurlDriver(self._watch_curl_fd, max_redirects=settings.max_redirects,
                                  max_host_connections=settings.max_host_connections,
@@ -249,11 +254,25 @@ class Worker:
                 self.stats["reclaimed"] += 1
                 metrics.lease_reclaims_total.inc()
             metrics.queue_wait_seconds.observe(max(0.0, now_epoch_s - request.created_epoch_s))
-            self.driver.add(request)
+            if request.attempts > self.settings.max_attempts:
+                self._give_up(request)
+            else:
+                self.driver.add(request)
         self.stats["claimed"] += len(requests)
         metrics.inflight_requests.set(self.driver.inflight)
         # A full batch means more are probably waiting: claim again as slots free up.
         self.want_claim = len(requests) == limit
+
+    def _give_up(self, request: Request) -> None:
+        """Answer a request whose workers kept dying with an error row instead of sending it again."""
+        log.warning("worker %d: request %d was claimed %d times without an answer; storing an error row",
+                    self.index, request.id, request.attempts)
+        if not self.pending:
+            self._oldest_pending_s = time.monotonic()
+        self.pending.append(Response(
+            request.id, request=request,
+            error_msg=f"gave up after {request.attempts - 1} attempts: the worker sending it stopped each time",
+        ))
 
     # ---- write-back ------------------------------------------------------------------------
 

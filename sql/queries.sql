@@ -44,9 +44,16 @@ on conflict (id) do nothing;
 
 -- name: release
 -- Give back requests this worker claimed but will not finish (shutdown), for others to take.
+-- Not counted as an attempt: the worker stopped on purpose.
+update net.http_request_queue
+set lease_owner = null, lease_expires_at = null, attempts = greatest(attempts - 1, 0)
+where id = any(%(ids)s::bigint[]) and lease_owner = %(owner)s;
+
+-- name: release_all
+-- Give back every request a dead worker held (the supervisor names it). Its attempt counts.
 update net.http_request_queue
 set lease_owner = null, lease_expires_at = null
-where id = any(%(ids)s::bigint[]) and lease_owner = %(owner)s;
+where lease_owner = %(owner)s;
 
 -- name: read_settings
 -- pg_net's settings, as pg_net reads them (NULL when unset).
