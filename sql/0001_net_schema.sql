@@ -175,12 +175,17 @@ as $$
 declare
     bad_name text;
 begin
-    if headers is null or headers = 'null'::jsonb then
+    if headers is null or headers = 'null'::jsonb or headers = '{}'::jsonb then
         return '{}'::jsonb;
     end if;
     if jsonb_typeof(headers) <> 'object' then
         raise exception 'headers must be a JSON object of name/value strings, got %', jsonb_typeof(headers)
             using errcode = 'invalid_parameter_value';
+    end if;
+    -- The common case, all string values with token names and no line breaks, in one pass.
+    if not jsonb_path_exists(headers, '$.keyvalue() ? (@.value.type() != "string"
+            || !(@.key like_regex "^[-!#$%&''*+.^_`|~0-9A-Za-z]+$") || @.value like_regex "[\r\n]")') then
+        return headers;
     end if;
     select key into bad_name
     from jsonb_each(headers)
@@ -220,7 +225,10 @@ declare
     request_id bigint;
     params_array text[];
 begin
-    perform net._check_url(url);
+    -- The common case in one cheap match; anything else gets the full check and its message.
+    if url is null or url !~ '^[hH][tT][tT][pP][sS]?://[A-Za-z0-9._-]+(:([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?([/?#][!-~]*)?$' then
+        perform net._check_url(url);
+    end if;
     if timeout_milliseconds is null or timeout_milliseconds <= 0 then
         raise exception 'timeout_milliseconds must be a positive number of milliseconds, got %',
             coalesce(timeout_milliseconds::text, 'NULL')
@@ -231,14 +239,17 @@ begin
             using errcode = 'invalid_parameter_value';
     end if;
 
-    select coalesce(array_agg(net._urlencode_string(key) || '=' || net._urlencode_string(value)), '{}')
-    into params_array
-    from jsonb_each_text(coalesce(params, '{}'::jsonb));
+    if params is not null and params <> '{}'::jsonb then
+        select array_agg(net._urlencode_string(key) || '=' || net._urlencode_string(value))
+        into params_array
+        from jsonb_each_text(params);
+        url := net._encode_url_with_params_array(url, params_array);
+    end if;
 
     insert into net.http_request_queue(method, url, headers, body, timeout_milliseconds)
     values (
         upper(method),
-        net._encode_url_with_params_array(url, params_array),
+        url,
         net._normalize_headers(headers),
         body,
         timeout_milliseconds
@@ -278,10 +289,14 @@ as $$
 declare
     content_type text;
 begin
-    select header_value into content_type
-    from jsonb_each_text(coalesce(headers, '{}'::jsonb)) as h(header_name, header_value)
-    where lower(header_name) = 'content-type'
-    limit 1;
+    if headers ? 'Content-Type' then
+        content_type := headers ->> 'Content-Type';
+    else
+        select header_value into content_type
+        from jsonb_each_text(coalesce(headers, '{}'::jsonb)) as h(header_name, header_value)
+        where lower(header_name) = 'content-type'
+        limit 1;
+    end if;
 
     if content_type is null then
         headers := coalesce(headers, '{}'::jsonb) || '{"Content-Type": "application/json"}'::jsonb;
