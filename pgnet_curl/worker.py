@@ -168,9 +168,11 @@ class Worker:
             if now >= self._reconnect_at_s:
                 self._connect()
             return
-        self._maybe_flush(now)
-        self._periodic(now)
-        self._maybe_claim()
+        # Each step may lose the connection; the next ones then wait for the reconnect.
+        for step in (self._maybe_flush, self._periodic, self._maybe_claim):
+            if self.conn is None:
+                return
+            step(now)
 
     def _count_finished(self, finished: list[Response]) -> None:
         for response in finished:
@@ -239,7 +241,7 @@ class Worker:
             return 1
         return max(1, min(self.settings.batch_size, self.settings.max_inflight) // 4)
 
-    def _maybe_claim(self) -> None:
+    def _maybe_claim(self, now: float) -> None:
         if self.stopping or not self.want_claim or self._free_slots() < self._min_claim():
             return
         limit = min(self.settings.batch_size, self._free_slots())
