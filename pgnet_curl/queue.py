@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from functools import cache
@@ -46,19 +47,14 @@ class Queue:
 
     def write(self, responses: list[Response]) -> int:
         """Store responses of requests still leased to us and dequeue them; return rows stored."""
-        params = {
-            "owner": self.owner,
-            "ids": [r.id for r in responses],
-            "status_codes": [r.status_code for r in responses],
-            "content_types": [r.content_type for r in responses],
-            "headers": [None if r.headers is None else json.dumps(r.headers) for r in responses],
-            "contents": [r.content for r in responses],
-            "contents_bytes": [r.content_bytes for r in responses],
-            "timed_outs": [r.timed_out for r in responses],
-            "error_msgs": [r.error_msg for r in responses],
-        }
+        rows = json.dumps([
+            [r.id, r.status_code, r.content_type, r.headers, r.content,
+             None if r.content_bytes is None else base64.b64encode(r.content_bytes).decode("ascii"),
+             r.timed_out, r.error_msg]
+            for r in responses
+        ])
         with database_errors("writing responses"):
-            return self.conn.execute(self._sql["write_back"], params).rowcount
+            return self.conn.execute(self._sql["write_back"], {"owner": self.owner, "rows": rows}).rowcount
 
     def release(self, ids: list[int]) -> int:
         """Give unfinished requests back to the queue at once instead of at lease expiry."""

@@ -4,42 +4,44 @@
 -- name: claim
 -- Take up to %(limit)s unleased (or lease-expired) requests, oldest first, without waiting
 -- for rows another worker is claiming. The lease covers the request's timeout plus a grace.
-with picked as (
+-- `id = any(array(...))` keeps the update on the primary key (a join may seq-scan the queue).
+update net.http_request_queue
+set lease_owner = %(owner)s,
+    lease_expires_at = clock_timestamp()
+        + make_interval(secs => timeout_milliseconds / 1000.0 + %(grace_s)s),
+    attempts = attempts + 1
+where id = any(array(
     select id
     from net.http_request_queue
     where lease_expires_at is null or lease_expires_at < clock_timestamp()
     order by id
     limit %(limit)s
     for update skip locked
-)
-update net.http_request_queue q
-set lease_owner = %(owner)s,
-    lease_expires_at = clock_timestamp()
-        + make_interval(secs => q.timeout_milliseconds / 1000.0 + %(grace_s)s),
-    attempts = q.attempts + 1
-from picked
-where q.id = picked.id
-returning q.id, q.method, q.url, q.headers::text, q.body, q.timeout_milliseconds,
-          q.attempts, extract(epoch from q.created_at)::float8;
+))
+returning id, method, url, headers::text, body, timeout_milliseconds,
+          attempts, extract(epoch from created_at)::float8;
 
 -- name: write_back
 -- Store finished responses of the requests this worker still owns, and dequeue them, in one
 -- statement. A row whose lease passed to another worker is skipped: that worker answers it.
-with done as (
-    delete from net.http_request_queue q
-    using unnest(%(ids)s::bigint[]) as r(id)
-    where q.id = r.id and q.lease_owner = %(owner)s
-    returning q.id
+-- %(rows)s is one JSON array of [id, status_code, content_type, headers, content,
+-- content_bytes (base64), timed_out, error_msg] arrays: one parameter, parsed once, instead
+-- of eight arrays dumped element by element.
+with r as (
+    select (e ->> 0)::bigint as id, (e ->> 1)::int as status_code, e ->> 2 as content_type,
+           e -> 3 as headers, e ->> 4 as content, decode(e ->> 5, 'base64') as content_bytes,
+           (e ->> 6)::bool as timed_out, e ->> 7 as error_msg
+    from jsonb_array_elements(%(rows)s::jsonb) as e
+), done as (
+    delete from net.http_request_queue
+    where id = any(array(select id from r)) and lease_owner = %(owner)s
+    returning id
 )
 insert into net._http_response
     (id, status_code, content_type, headers, content, content_bytes, timed_out, error_msg)
-select r.id, r.status_code, r.content_type, r.headers::jsonb, r.content, r.content_bytes, r.timed_out,
-       r.error_msg
-from unnest(%(ids)s::bigint[], %(status_codes)s::int[], %(content_types)s::text[],
-            %(headers)s::text[], %(contents)s::text[], %(contents_bytes)s::bytea[],
-            %(timed_outs)s::bool[], %(error_msgs)s::text[])
-     as r(id, status_code, content_type, headers, content, content_bytes, timed_out, error_msg)
-join done using (id)
+select id, status_code, content_type, nullif(headers, 'null'), content, content_bytes, timed_out, error_msg
+from r
+where id in (select id from done)
 on conflict (id) do nothing;
 
 -- name: release
