@@ -34,6 +34,8 @@ _POLL_TO_EVENTS = {
     pycurl.POLL_INOUT: selectors.EVENT_READ | selectors.EVENT_WRITE,
 }
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.1, 10.0
+# Per-request observations reach /metrics at most this late.
+METRICS_FLUSH_INTERVAL_S = 0.25
 # TTL sweep: at most this many delete statements per sweep, so a sweep never stalls the loop.
 _TTL_SWEEP_MAX_STATEMENTS = 10
 
@@ -73,6 +75,8 @@ class Worker:
         self._next_poll_s = now + settings.poll_interval_s
         self._next_settings_s = now + settings.settings_refresh_s
         self._next_ttl_sweep_s = now
+        self.tally = metrics.Tally()
+        self._next_metrics_flush_s = 0.0
         self.stats = {"claimed": 0, "written": 0, "lease_lost": 0, "reclaimed": 0, "reconnects": 0}
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -127,6 +131,7 @@ class Worker:
                         "after their leases expire", self.index, len(self.pending))
         self.driver.close()
         self._disconnect()
+        self._publish_metrics(time.monotonic())
         log.info("worker %d stopped: %s", self.index, self.stats)
 
     def _install_signal_handlers(self) -> None:
@@ -168,6 +173,8 @@ class Worker:
             if now >= self._reconnect_at_s:
                 self._connect()
             return
+        if self.tally.pending and now >= self._next_metrics_flush_s:
+            self._publish_metrics(now)
         # Each step may lose the connection; the next ones then wait for the reconnect.
         for step in (self._maybe_flush, self._periodic, self._maybe_claim):
             if self.conn is None:
@@ -176,11 +183,13 @@ class Worker:
 
     def _count_finished(self, finished: list[Response]) -> None:
         for response in finished:
-            metrics.requests_total.labels(
-                metrics.method_label(response.request.method), metrics.outcome(response.status_code, response.timed_out)
-            ).inc()
-            metrics.http_duration_seconds.observe(response.duration_s)
+            self.tally.finished(response.request.method, response.status_code, response.timed_out,
+                                response.duration_s)
+
+    def _publish_metrics(self, now: float) -> None:
+        self.tally.flush()
         metrics.inflight_requests.set(self.driver.inflight)
+        self._next_metrics_flush_s = now + METRICS_FLUSH_INTERVAL_S
 
     def _select_timeout_s(self) -> float:
         now = time.monotonic()
@@ -189,6 +198,8 @@ class Worker:
             deadlines.append(self.driver.timer_deadline_s)
         if self.pending:
             deadlines.append(self._oldest_pending_s + self.settings.flush_interval_ms / 1000)
+        if self.tally.pending:
+            deadlines.append(self._next_metrics_flush_s)
         if self.conn is None:
             deadlines.append(self._reconnect_at_s)
         else:
@@ -255,13 +266,12 @@ class Worker:
             if request.attempts > 1:
                 self.stats["reclaimed"] += 1
                 metrics.lease_reclaims_total.inc()
-            metrics.queue_wait_seconds.observe(max(0.0, now_epoch_s - request.created_epoch_s))
+            self.tally.claimed(max(0.0, now_epoch_s - request.created_epoch_s))
             if request.attempts > self.settings.max_attempts:
                 self._give_up(request)
             else:
                 self.driver.add(request)
         self.stats["claimed"] += len(requests)
-        metrics.inflight_requests.set(self.driver.inflight)
         # A full batch means more are probably waiting: claim again as slots free up.
         self.want_claim = len(requests) == limit
 
@@ -309,7 +319,7 @@ class Worker:
             metrics.lease_lost_total.inc(len(batch) - written)
         now_epoch_s = time.time()
         for response in batch:
-            metrics.end_to_end_seconds.observe(max(0.0, now_epoch_s - response.request.created_epoch_s))
+            self.tally.written(max(0.0, now_epoch_s - response.request.created_epoch_s))
 
     def _write(self, batch: list[Response]) -> int:
         """Write a batch; if the database refuses it, write row by row so one bad row loses nothing."""
