@@ -10,7 +10,7 @@ import logging
 import os
 import random
 import secrets
-import selectors
+import select
 import signal
 import socket
 import time
@@ -28,10 +28,14 @@ from .settings import Settings
 log = logging.getLogger("pgnet_curl.worker")
 
 _CURL, _DB, _SIGNAL = "curl", "db", "signal"
+# epoll and poll share these bit values. Errors and hang-ups count as readable: the reader
+# (libcurl or libpq) finds out what happened.
+_READABLE = select.POLLIN | select.POLLERR | select.POLLHUP
+_WRITABLE = select.POLLOUT
 _POLL_TO_EVENTS = {
-    pycurl.POLL_IN: selectors.EVENT_READ,
-    pycurl.POLL_OUT: selectors.EVENT_WRITE,
-    pycurl.POLL_INOUT: selectors.EVENT_READ | selectors.EVENT_WRITE,
+    pycurl.POLL_IN: select.POLLIN,
+    pycurl.POLL_OUT: select.POLLOUT,
+    pycurl.POLL_INOUT: select.POLLIN | select.POLLOUT,
 }
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.1, 10.0
 # Per-request observations reach /metrics at most this late.
@@ -54,11 +58,14 @@ class Worker:
         self.application_name = f"pgnet-curl worker {index}"
         # Unique per process: a lease held by a dead process can never be mistaken for ours.
         self.owner = lease_owner(socket.gethostname(), run_id or secrets.token_hex(4), os.getpid())
-        self.selector = selectors.DefaultSelector()
+        # fd -> what it is (_CURL, _DB, _SIGNAL); epoll directly: selectors costs more per call,
+        # and libcurl adds and removes a socket for every request on a kept-alive connection.
+        self._fds: dict[int, str] = {}
+        self._poller = select.epoll() if hasattr(select, "epoll") else select.poll()
+        self._poll_uses_ms = not hasattr(select, "epoll")
         self.driver = CurlDriver(self._watch_curl_fd, max_redirects=settings.max_redirects,
                                  max_host_connections=settings.max_host_connections,
                                  max_response_bytes=settings.max_response_bytes)
-        self._curl_fds: set[int] = set()
         self.conn: psycopg.Connection | None = None
         self._db_fd = -1
         self.queue: Queue | None = None
@@ -139,7 +146,7 @@ class Worker:
         self._signal_r.setblocking(False)
         self._signal_w.setblocking(False)
         signal.set_wakeup_fd(self._signal_w.fileno(), warn_on_full_buffer=False)
-        self.selector.register(self._signal_r, selectors.EVENT_READ, _SIGNAL)
+        self._watch(self._signal_r.fileno(), select.POLLIN, _SIGNAL)
         signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
         signal.signal(signal.SIGINT, lambda *_: self.request_stop())
         signal.signal(signal.SIGHUP, lambda *_: self._request_reload())
@@ -152,13 +159,15 @@ class Worker:
     # ---- the loop --------------------------------------------------------------------------
 
     def _step(self) -> None:
-        for key, mask in self.selector.select(self._select_timeout_s()):
-            if key.data is _CURL:
-                self.driver.socket_event(key.fd, bool(mask & selectors.EVENT_READ),
-                                         bool(mask & selectors.EVENT_WRITE))
-            elif key.data is _DB:
+        timeout_s = self._select_timeout_s()
+        ready = self._poller.poll(timeout_s * 1000 if self._poll_uses_ms else timeout_s)
+        for fd, mask in ready:
+            kind = self._fds.get(fd)
+            if kind is _CURL:
+                self.driver.socket_event(fd, bool(mask & _READABLE), bool(mask & _WRITABLE))
+            elif kind is _DB:
                 self._on_db_readable()
-            else:
+            elif kind is _SIGNAL:
                 self._drain_signal_socket()
         now = time.monotonic()
         if self.driver.timer_deadline_s is not None and now >= self.driver.timer_deadline_s:
@@ -220,28 +229,31 @@ class Worker:
     # ---- curl side -------------------------------------------------------------------------
 
     def _watch_curl_fd(self, fd: int, what: int) -> None:
-        """Mirror libcurl's interest in a socket into the selector."""
+        """Mirror libcurl's interest in a socket into the poller."""
         if what == pycurl.POLL_REMOVE:
-            if fd in self._curl_fds:
-                self._curl_fds.discard(fd)
-                try:
-                    self.selector.unregister(fd)
-                except (KeyError, ValueError, OSError):
-                    pass
+            if self._fds.get(fd) is _CURL:
+                self._unwatch(fd)
             return
-        events = _POLL_TO_EVENTS[what]
-        if fd in self._curl_fds:
+        self._watch(fd, _POLL_TO_EVENTS[what], _CURL)
+
+    def _watch(self, fd: int, events: int, kind: str) -> None:
+        if fd in self._fds:
             try:
-                self.selector.modify(fd, events, _CURL)
+                self._poller.modify(fd, events)
+                self._fds[fd] = kind
                 return
-            except (KeyError, OSError):
-                # The fd number was closed and reused without a POLL_REMOVE: start afresh.
-                try:
-                    self.selector.unregister(fd)
-                except (KeyError, ValueError, OSError):
-                    pass
-        self.selector.register(fd, events, _CURL)
-        self._curl_fds.add(fd)
+            except OSError:
+                # The fd number was closed and reused unannounced: register it afresh.
+                self._unwatch(fd)
+        self._poller.register(fd, events)
+        self._fds[fd] = kind
+
+    def _unwatch(self, fd: int) -> None:
+        if self._fds.pop(fd, None) is not None:
+            try:
+                self._poller.unregister(fd)
+            except (OSError, KeyError, ValueError):
+                pass
 
     def _free_slots(self) -> int:
         return self.settings.max_inflight - self.driver.inflight
@@ -382,7 +394,7 @@ class Worker:
         conn.add_notify_handler(self._on_notify)
         self.conn, self.queue = conn, queue
         self._db_fd = conn.fileno()
-        self.selector.register(self._db_fd, selectors.EVENT_READ, _DB)
+        self._watch(self._db_fd, select.POLLIN, _DB)
         metrics.worker_db_connected.set(1)
         if self._reconnect_delay_s > RECONNECT_MIN_S or self.stats["reconnects"]:
             log.info("worker %d reconnected to the database", self.index)
@@ -409,10 +421,7 @@ class Worker:
         if self.conn is None:
             return
         # By fd number: a broken connection cannot tell its fileno() any more.
-        try:
-            self.selector.unregister(self._db_fd)
-        except (KeyError, ValueError, OSError):
-            pass
+        self._unwatch(self._db_fd)
         try:
             self.conn.close()
         except psycopg.Error:
