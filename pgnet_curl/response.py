@@ -76,15 +76,14 @@ def parse_final_headers(raw: bytes) -> dict[str, str]:
     Repeated names (compared without case; the first spelling is kept) are joined with ', '
     as RFC 9110 allows. NUL bytes, which jsonb cannot hold, are dropped.
     """
-    headers: dict[str, str] = {}
-    spelling: dict[str, str] = {}
-    text = raw.decode("latin-1")
+    # Each response's block ends with an empty line; the last one starting with HTTP/ is ours.
+    start = raw.rfind(b"\r\n\r\nHTTP/", 0, len(raw) - 4)
+    text = raw[start + 4 if start >= 0 else 0:].decode("latin-1")
     if "\x00" in text:
         text = text.replace("\x00", "")
-    for line in text.split("\r\n"):
-        if line.startswith("HTTP/"):
-            headers, spelling = {}, {}
-            continue
+    headers: dict[str, str] = {}
+    spelling: dict[str, str] = {}
+    for line in text.split("\r\n")[1:]:
         name, colon, value = line.partition(":")
         if not colon or not name or name[0] in " \t":
             continue
