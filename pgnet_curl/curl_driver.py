@@ -28,10 +28,12 @@ WatchFd = Callable[[int, int], None]
 class _Transfer:
     """One request in flight and the buffers libcurl writes its answer into."""
 
-    __slots__ = ("request", "headers", "body", "started_s")
+    __slots__ = ("request", "headers", "body", "started_s", "dirty")
 
     def __init__(self, request: Request):
         self.request = request
+        # Set when the request changes a handle option beyond those every request sets.
+        self.dirty = False
         self.headers = io.BytesIO()
         self.body = io.BytesIO()
         self.started_s = time.monotonic()
@@ -65,26 +67,26 @@ class CurlDriver:
 
     def add(self, request: Request) -> None:
         """Start sending a request; its Response comes out of take_finished()."""
-        handle = self._idle_handles.pop() if self._idle_handles else pycurl.Curl()
+        handle = self._idle_handles.pop() if self._idle_handles else self._new_handle()
         transfer = _Transfer(request)
         try:
             self._configure(handle, transfer)
         except (pycurl.error, TypeError, ValueError, UnicodeEncodeError) as exc:
-            handle.reset()
-            self._idle_handles.append(handle)
+            self._recycle(handle, dirty=True)
             self._finished.append(Response(request.id, error_msg=f"Invalid request: {exc}", request=request))
             return
         self._transfers[handle] = transfer
         self._multi.add_handle(handle)
 
-    def _configure(self, handle: pycurl.Curl, transfer: _Transfer) -> None:
-        request = transfer.request
+    def _new_handle(self) -> pycurl.Curl:
+        handle = pycurl.Curl()
+        self._set_constant_options(handle)
+        return handle
+
+    def _set_constant_options(self, handle: pycurl.Curl) -> None:
+        """Options every request shares: set once per handle, again only after a reset()."""
         setopt = handle.setopt
-        setopt(pycurl.URL, request.url)
-        setopt(pycurl.WRITEFUNCTION, transfer.body.write)
-        setopt(pycurl.HEADERFUNCTION, transfer.headers.write)
         setopt(pycurl.NOSIGNAL, 1)
-        setopt(pycurl.TIMEOUT_MS, request.timeout_ms)
         setopt(pycurl.FOLLOWLOCATION, 1)
         setopt(pycurl.MAXREDIRS, self._max_redirects)
         setopt(pycurl.PROTOCOLS, _HTTP_ONLY)
@@ -92,7 +94,17 @@ class CurlDriver:
         setopt(pycurl.USERAGENT, USER_AGENT)
         # Checked against Content-Length up front and, since libcurl 8.4, while receiving.
         setopt(pycurl.MAXFILESIZE_LARGE, self._max_response_bytes)
+
+    def _configure(self, handle: pycurl.Curl, transfer: _Transfer) -> None:
+        """Set what this request changes; a plain GET needs no reset() of the handle afterwards."""
+        request = transfer.request
+        setopt = handle.setopt
+        setopt(pycurl.URL, request.url)
+        setopt(pycurl.WRITEFUNCTION, transfer.body.write)
+        setopt(pycurl.HEADERFUNCTION, transfer.headers.write)
+        setopt(pycurl.TIMEOUT_MS, request.timeout_ms)
         if request.headers:
+            transfer.dirty = True
             # "Name;" is libcurl's way to send a header with an empty value.
             setopt(pycurl.HTTPHEADER, [
                 f"{name}: {value}" if value != "" else f"{name};"
@@ -100,14 +112,27 @@ class CurlDriver:
             ])
         method = request.method
         if request.body is not None:
+            transfer.dirty = True
             setopt(pycurl.POSTFIELDSIZE_LARGE, len(request.body))
             setopt(pycurl.COPYPOSTFIELDS, request.body)
             if method != "POST":
                 setopt(pycurl.CUSTOMREQUEST, method)
         elif method == "HEAD":
+            transfer.dirty = True
             setopt(pycurl.NOBODY, 1)
         elif method != "GET":
+            transfer.dirty = True
             setopt(pycurl.CUSTOMREQUEST, method)
+
+    def _recycle(self, handle: pycurl.Curl, dirty: bool) -> None:
+        """Keep a finished handle for reuse, cleared of any per-request method, body or headers."""
+        if len(self._idle_handles) >= _MAX_IDLE_HANDLES:
+            handle.close()
+            return
+        if dirty:
+            handle.reset()
+            self._set_constant_options(handle)
+        self._idle_handles.append(handle)
 
     def socket_event(self, fd: int, readable: bool, writable: bool) -> None:
         """Tell libcurl that fd is ready."""
@@ -153,11 +178,10 @@ class CurlDriver:
         transfer = self._transfers.pop(handle)
         self._multi.remove_handle(handle)
         self._finished.append(self._response(handle, transfer, code, message))
-        if len(self._idle_handles) < _MAX_IDLE_HANDLES:
-            handle.reset()
-            self._idle_handles.append(handle)
-        else:
-            handle.close()
+        # The handle still points at these buffers' write(); free their memory now.
+        transfer.body.close()
+        transfer.headers.close()
+        self._recycle(handle, transfer.dirty)
 
     def _response(self, handle: pycurl.Curl, transfer: _Transfer, code: int, message: str) -> Response:
         request = transfer.request

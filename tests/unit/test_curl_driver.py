@@ -1,0 +1,95 @@
+"""The curl driver on its own, against the loopback server: handles reused cleanly."""
+
+from __future__ import annotations
+
+import json
+import select
+import time
+
+import pycurl
+import pytest
+
+from http_server import HttpTestServer
+from pgnet_curl.curl_driver import CurlDriver
+from pgnet_curl.model import Request
+
+EVENTS = {pycurl.POLL_IN: select.POLLIN, pycurl.POLL_OUT: select.POLLOUT,
+          pycurl.POLL_INOUT: select.POLLIN | select.POLLOUT}
+
+
+class Loop:
+    """The smallest event loop that drives a CurlDriver, like the worker's."""
+
+    def __init__(self):
+        self.poller = select.epoll()
+        self.fds: set[int] = set()
+        self.driver = CurlDriver(self.watch)
+
+    def watch(self, fd: int, what: int) -> None:
+        if what == pycurl.POLL_REMOVE:
+            if fd in self.fds:
+                self.fds.discard(fd)
+                self.poller.unregister(fd)
+        elif fd in self.fds:
+            self.poller.modify(fd, EVENTS[what])
+        else:
+            self.fds.add(fd)
+            self.poller.register(fd, EVENTS[what])
+
+    def run(self, request: Request, timeout_s: float = 10):
+        self.driver.add(request)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            wait_s = 0.05 if self.driver.timer_deadline_s is None else max(0, self.driver.timer_deadline_s - time.monotonic())
+            for fd, mask in self.poller.poll(min(wait_s, 0.05)):
+                self.driver.socket_event(fd, bool(mask & (select.POLLIN | select.POLLERR | select.POLLHUP)),
+                                         bool(mask & select.POLLOUT))
+            if self.driver.timer_deadline_s is not None and time.monotonic() >= self.driver.timer_deadline_s:
+                self.driver.timer_event()
+            finished = self.driver.take_finished()
+            if finished:
+                return finished[0]
+        raise AssertionError("no response in time")
+
+
+@pytest.fixture(scope="module")
+def server():
+    with HttpTestServer() as running:
+        yield running
+
+
+def echo(response) -> dict:
+    return json.loads(response.content)
+
+
+def test_a_reused_handle_forgets_the_previous_method_body_and_headers(server):
+    loop = Loop()
+    url = server.url_for("/echo")
+    post = loop.run(Request(1, "POST", url, {"X-Secret": "s", "Content-Type": "application/json"}, b'{"a": 1}', 5000))
+    assert echo(post)["method"] == "POST" and echo(post)["body"] == '{"a": 1}'
+    for method in ("GET", "HEAD", "PUT", "GET", "DELETE", "GET"):
+        response = loop.run(Request(2, method, url, {}, None, 5000))
+        assert response.status_code == 200
+        if method == "HEAD":
+            assert response.content is None
+            continue
+        got = echo(response)
+        assert got["method"] == method
+        assert got["body"] == ""
+        assert "x-secret" not in [name.lower() for name, _ in got["headers"]]
+    assert len(loop.driver._idle_handles) == 1, "one handle served every request"
+
+
+def test_header_with_empty_value_and_user_agent(server):
+    loop = Loop()
+    got = echo(loop.run(Request(1, "GET", server.url_for("/echo"), {"X-Empty": ""}, None, 5000)))
+    assert ["X-Empty", ""] in got["headers"]
+    assert any(name == "User-Agent" and value.startswith("pg_net/0.20 (pgnet-curl/") for name, value in got["headers"])
+
+
+def test_invalid_request_becomes_an_error_response(server):
+    loop = Loop()
+    loop.driver.add(Request(7, "GET", server.url_for("/echo"), {"X-Bad": "\udcff"}, None, 5000))
+    [response] = loop.driver.take_finished()
+    assert response.id == 7 and response.error_msg.startswith("Invalid request")
+    assert loop.run(Request(8, "GET", server.url_for("/echo"), {}, None, 5000)).status_code == 200
