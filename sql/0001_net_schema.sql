@@ -433,6 +433,8 @@ begin
         where datname = current_database() and application_name like 'pgnet-curl%'
     ) loop
         perform pg_sleep(0.05);
+        -- pg_stat_activity is read once per transaction unless told to look again.
+        perform pg_stat_clear_snapshot();
     end loop;
 end
 $$;

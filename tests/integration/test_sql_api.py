@@ -303,3 +303,29 @@ def test_worker_restart_sends_control_notify(db_dsn):
 def test_await_response_returns_once_row_exists(db):
     db.execute("insert into net._http_response(id, status_code) values (3, 200)")
     assert db.execute("select net._await_response(3)").fetchone()[0] is True
+
+
+def test_wait_until_running_sees_a_worker_that_connects_later(db, db_dsn):
+    import threading
+
+    from helpers import wait_until
+
+    waiter = psycopg.connect(db_dsn, autocommit=True)
+    waiter.execute("set statement_timeout = '20s'")
+    errors_seen = []
+    thread = threading.Thread(target=lambda: _call(waiter, "select net.wait_until_running()", errors_seen))
+    thread.start()
+    wait_until(lambda: db.execute(
+        "select count(*) from pg_stat_activity where query = 'select net.wait_until_running()' "
+        "and state = 'active'").fetchone()[0] == 1, message="the waiter to be waiting")
+    with psycopg.connect(db_dsn, application_name="pgnet-curl worker 1"):
+        thread.join(15)
+    waiter.close()
+    assert not thread.is_alive() and errors_seen == []
+
+
+def _call(conn, sql, errors_seen):
+    try:
+        conn.execute(sql)
+    except psycopg.Error as exc:
+        errors_seen.append(exc)
