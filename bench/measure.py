@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import threading
@@ -11,6 +12,8 @@ from typing import Callable, Iterable
 
 import psutil
 import psycopg
+
+log = logging.getLogger("bench.measure")
 
 # Visibility is detected by this query, from a session with seqscans off so that both arms use
 # the unique index on id: rows above the highest id seen so far, plus the holes below it.
@@ -42,10 +45,6 @@ class Visibility:
         self.seen_count = 0
         self.seen_at_s: dict[int, float] = {}
         self.poll_starts_s: list[float] = []
-
-    def start_after(self, last_id: int) -> None:
-        """Ignore ids up to last_id (rows that existed before the scenario)."""
-        self.above = max(self.above, last_id)
 
     def poll(self) -> int:
         """Look for newly visible rows once; return how many were found."""
@@ -96,7 +95,7 @@ def wait_for_rows(visibility: Visibility, total: int, stall_timeout_s: float,
             return last_found_s
         now = now_s()
         if now - last_found_s > stall_timeout_s:
-            raise Stalled(f"no new response row for {stall_timeout_s:.0f} s "
+            raise Stalled(f"no new response row for {stall_timeout_s:g} s "
                           f"({visibility.seen_count:,} of {total:,} visible)")
         if now - started_s > max_s:
             raise Stalled(f"gave up after {max_s:.0f} s ({visibility.seen_count:,} of {total:,} visible)")
@@ -112,22 +111,28 @@ def _cpu_s(process: psutil.Process) -> float:
     return times.user + times.system + times.children_user + times.children_system
 
 
-def tree_cpu_s(pid: int | None) -> float | None:
+def tree_cpu_s(pid: int | None, attempts: int = 3) -> float | None:
     """Return the CPU seconds used so far by a process and all its descendants, dead or alive."""
     if pid is None:
         return None
-    try:
-        root = psutil.Process(pid)
-        total = _cpu_s(root)
-        children = root.children(recursive=True)
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-    for child in children:
+    for attempt in range(attempts):
         try:
-            total += _cpu_s(child)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
+            root = psutil.Process(pid)
+            total = _cpu_s(root)
+            children = root.children(recursive=True)
+        except psutil.Error as exc:
+            # A child may vanish while the tree is read: try again; the root gone is final.
+            if attempt == attempts - 1 or not psutil.pid_exists(pid):
+                log.warning("cannot read the CPU time of pid %d and its children: %r", pid, exc)
+                return None
+            continue
+        for child in children:
+            try:
+                total += _cpu_s(child)
+            except psutil.Error:
+                pass
+        return total
+    return None
 
 
 def pids_cpu_s(pids: Iterable[int]) -> dict[int, float]:
@@ -136,10 +141,46 @@ def pids_cpu_s(pids: Iterable[int]) -> dict[int, float]:
     for pid in pids:
         try:
             times = psutil.Process(pid).cpu_times()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+        except psutil.Error:
             continue
         found[pid] = times.user + times.system
     return found
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all cores; not idle, waiting for I/O or stolen)."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - sum(getattr(times, name, 0.0)
+                                         for name in ("iowait", "steal", "guest", "guest_nice"))
+
+
+def machine_steal_s() -> float:
+    """CPU seconds the hypervisor gave to other guests while this VM wanted to run."""
+    return getattr(psutil.cpu_times(), "steal", 0.0)
+
+
+def wait_for_quiet(max_wait_s: float, threshold_pct: float = 15.0, quiet_for_s: float = 3.0) -> float:
+    """Wait (up to max_wait_s) until the machine is < threshold_pct busy for quiet_for_s; return busy %.
+
+    On a shared machine other processes' CPU distorts the figures: this waits them out when it can.
+    """
+    cores = psutil.cpu_count() or 1
+    deadline_s = now_s() + max_wait_s
+    quiet_since_s = None
+    while True:
+        before_s, before = now_s(), machine_busy_s()
+        time.sleep(1.0)
+        busy_pct = 100 * (machine_busy_s() - before) / (now_s() - before_s) / cores
+        if busy_pct < threshold_pct:
+            quiet_since_s = quiet_since_s or before_s
+            if now_s() - quiet_since_s >= quiet_for_s:
+                return busy_pct
+        else:
+            quiet_since_s = None
+            sys.stderr.write(f"waiting for a quiet machine: {busy_pct:.0f}% busy\n")
+        if now_s() >= deadline_s:
+            sys.stderr.write(f"machine still {busy_pct:.0f}% busy after waiting {max_wait_s:.0f} s: going on\n")
+            return busy_pct
 
 
 @dataclass
@@ -155,11 +196,15 @@ class CpuMeter:
     _tree_start: dict[str, float | None] = field(default_factory=dict)
     _set_start: dict[str, dict[int, float]] = field(default_factory=dict)
     _start_s: float = 0.0
+    _machine_start_s: float = 0.0
+    _steal_start_s: float = 0.0
 
     def start(self, fresh: Iterable[str] = ()) -> None:
         """Open the window; groups named in fresh did not exist before and start at zero."""
         fresh = set(fresh)
         self._start_s = now_s()
+        self._machine_start_s = machine_busy_s()
+        self._steal_start_s = machine_steal_s()
         self._tree_start = {name: 0.0 if name in fresh else tree_cpu_s(root())
                             for name, root in self.trees.items()}
         self._set_start = {name: {} if name in fresh else pids_cpu_s(pids())
@@ -167,7 +212,9 @@ class CpuMeter:
 
     def stop(self) -> dict:
         """Close the window; return {group: CPU seconds or None when unreadable, "wall_s": ...}."""
-        used: dict[str, float | None] = {"wall_s": now_s() - self._start_s}
+        used: dict[str, float | None] = {"wall_s": now_s() - self._start_s,
+                                         "machine_busy": machine_busy_s() - self._machine_start_s,
+                                         "machine_steal": machine_steal_s() - self._steal_start_s}
         for name, root in self.trees.items():
             end, start = tree_cpu_s(root()), self._tree_start.get(name)
             used[name] = None if end is None or start is None else end - start

@@ -5,6 +5,7 @@ Every process started here is stopped by its own object's stop(), called from a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
@@ -52,16 +53,26 @@ def stop_process(process: subprocess.Popen | None, signo: int = signal.SIGTERM,
         process.send_signal(signo)
     except ProcessLookupError:
         return
-    if not _wait_exit(process, timeout_s):
+    try:
+        stopped = _wait_exit(process, timeout_s)
+    except KeyboardInterrupt:
+        # Ctrl-C again while waiting: do not leave the process behind.
+        _kill(process, group)
+        raise
+    if not stopped:
         log.warning("pid %d did not stop within %.0f s: killing it", process.pid, timeout_s)
-        try:
-            if group:
-                os.killpg(process.pid, signal.SIGKILL)
-            else:
-                process.kill()
-        except ProcessLookupError:
-            pass
-        _wait_exit(process, 10)
+        _kill(process, group)
+
+
+def _kill(process: subprocess.Popen, group: bool) -> None:
+    try:
+        if group:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
+    except ProcessLookupError:
+        pass
+    _wait_exit(process, 10)
 
 
 def free_port() -> int:
@@ -90,8 +101,10 @@ def wait_for_port(port: int, timeout_s: float, process: subprocess.Popen | None 
 class Database:
     """A scratch database with the net schema: in an embedded cluster, or on the --dsn server."""
 
-    def __init__(self, admin_dsn: str | None, work_dir: Path):
+    def __init__(self, admin_dsn: str | None, work_dir: Path, statement_timeout_s: float = 120.0):
         self.given_dsn = admin_dsn
+        # Every statement of the bench is bounded: a stuck database aborts the scenario.
+        self.statement_timeout_s = statement_timeout_s
         self.work_dir = work_dir
         self.embedded = None
         self.admin_dsn = ""
@@ -122,7 +135,9 @@ class Database:
         return self.dsn
 
     def connect(self, autocommit: bool = True) -> psycopg.Connection:
-        return psycopg.connect(self.dsn, autocommit=autocommit, application_name="pgnet-bench")
+        return psycopg.connect(self.dsn, autocommit=autocommit, application_name="pgnet-bench",
+                               connect_timeout=int(START_TIMEOUT_S),
+                               options=f"-c statement_timeout={int(self.statement_timeout_s * 1000)}")
 
     def reset(self) -> None:
         """Empty the queue and the response table so that ids start again at 1."""
@@ -132,11 +147,12 @@ class Database:
     def postmaster_pid(self) -> int | None:
         """Return the server's main process if it runs on this host (for its CPU), else None."""
         with self.connect() as conn:
+            # Looked up while the session is open: its backend process exits with it.
             backend_pid = conn.execute("select pg_backend_pid()").fetchone()[0]
-        try:
-            parent = psutil.Process(backend_pid).parent()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            return None
+            try:
+                parent = psutil.Process(backend_pid).parent()
+            except psutil.Error:
+                return None
         if parent is None or "postgres" not in parent.name():
             return None
         return parent.pid
@@ -337,7 +353,18 @@ class Serve:
             return ""
 
     def stop(self) -> None:
+        """Drain and stop serve; kill any worker that outlived it."""
+        workers = []
+        for pid in self.worker_pids():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                workers.append(psutil.Process(pid))
         stop_process(self.process, signal.SIGTERM, timeout_s=STOP_TIMEOUT_S, group=True)
+        for worker in workers:
+            # is_running() also tells a reused pid from our worker.
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if worker.is_running():
+                    log.warning("worker pid %d outlived serve: killing it", worker.pid)
+                    worker.kill()
 
 
 def make_work_dir() -> Path:
