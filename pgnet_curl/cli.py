@@ -72,7 +72,7 @@ def _serve_options(function):
     """Attach serve's tuning flags, each also readable from a PGNET_* environment variable."""
     options = [
         ("--workers", int, "Worker processes (default: one per core)."),
-        ("--max-inflight", int, "Requests in flight per worker at most (default 1000)."),
+        ("--max-inflight", int, "Requests in flight per worker at most (default 500)."),
         ("--batch-size", int, "Rows claimed per query; overrides pg_net.batch_size (default 200)."),
         ("--ttl", str, "Keep responses this long; overrides pg_net.ttl (default '6 hours')."),
         ("--lease-grace", float, "Seconds a claim outlives its request's timeout (default 30)."),

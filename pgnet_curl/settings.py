@@ -23,7 +23,8 @@ class Settings:
     # Rows claimed per query (pg_net.batch_size).
     batch_size: int = DEFAULT_BATCH_SIZE
     # Requests in flight per worker process at most.
-    max_inflight: int = 1000
+    # 500 measured faster than 1000 (fewer connections per host to scan) and 128 slower.
+    max_inflight: int = 500
     # Responses kept this long (pg_net.ttl).
     ttl: timedelta = DEFAULT_TTL
     # A claimed row stays ours for its timeout plus this; after that any worker may take it.

@@ -72,6 +72,7 @@ class Worker:
         self._reconnect_at_s = 0.0
         self._reconnect_delay_s = RECONNECT_MIN_S
         self.pending: list[Response] = []
+        self._quiet = True
         self._oldest_pending_s = 0.0
         self.want_claim = True
         self._reload_requested = False
@@ -161,6 +162,8 @@ class Worker:
     def _step(self) -> None:
         timeout_s = self._select_timeout_s()
         ready = self._poller.poll(timeout_s * 1000 if self._poll_uses_ms else timeout_s)
+        # A quiet loop (at most one socket ready) writes responses at once; a busy one batches.
+        self._quiet = len(ready) <= 1
         for fd, mask in ready:
             kind = self._fds.get(fd)
             if kind is _CURL:
@@ -303,7 +306,7 @@ class Worker:
     def _maybe_flush(self, now: float) -> None:
         if not self.pending:
             return
-        if (len(self.pending) >= self.settings.write_batch_size or self.driver.inflight == 0
+        if (len(self.pending) >= self.settings.write_batch_size or self.driver.inflight == 0 or self._quiet
                 or now - self._oldest_pending_s >= self.settings.flush_interval_ms / 1000):
             try:
                 self._flush(everything=False)
