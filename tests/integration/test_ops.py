@@ -53,9 +53,16 @@ def test_metrics_follow_real_traffic(db, db_dsn, serve, http_server):
     db.execute("select net.http_get('http://127.0.0.1:1/') from generate_series(1, 3)")
     wait_until(lambda: db.execute("select count(*) from net._http_response").fetchone()[0] == 62,
                message="62 responses")
+    stored = db.execute("select coalesce(status_code::text, error_msg), count(*) from net._http_response "
+                        "group by 1 order by 1").fetchall()
+    assert stored == [("200", 50), ("404", 4), ("503", 5), ("Couldn't connect to server", 3)]
 
-    samples = wait_until(lambda: (s := scrape(port)) and value(s, "pgnet_curl_end_to_end_seconds_count") == 62 and s,
-                         message="metrics of 62 written responses")
+    def all_counted():
+        samples = scrape(port)
+        counted = sum(v for (name, _), v in samples.items() if name == "pgnet_curl_requests_total")
+        return samples if counted == 62 and value(samples, "pgnet_curl_end_to_end_seconds_count") == 62 else None
+
+    samples = wait_until(all_counted, message="metrics of 62 finished and written responses")
     assert value(samples, "pgnet_curl_requests_total", method="GET", outcome="success") == 50
     assert value(samples, "pgnet_curl_requests_total", method="POST", outcome="http_5xx") == 5
     assert value(samples, "pgnet_curl_requests_total", method="GET", outcome="http_4xx") == 4
