@@ -40,6 +40,8 @@ _POLL_TO_EVENTS = {
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.1, 10.0
 # Per-request observations reach /metrics at most this late.
 METRICS_FLUSH_INTERVAL_S = 0.25
+# A second stop signal within this many seconds of the first is the same request.
+_REPEATED_STOP_AFTER_S = 2.0
 # TTL sweep: at most this many delete statements per sweep, so a sweep never stalls the loop.
 _TTL_SWEEP_MAX_STATEMENTS = 10
 
@@ -78,6 +80,7 @@ class Worker:
         self._reload_requested = False
         self._restart_requested = False
         self.stopping = False
+        self._stop_requested_s = 0.0
         self._drain_deadline_s = 0.0
         now = time.monotonic()
         self._next_poll_s = now + settings.poll_interval_s
@@ -108,9 +111,12 @@ class Worker:
     def request_stop(self) -> None:
         """Stop claiming; finish what is in flight until the drain deadline."""
         if self.stopping:
-            # A second signal: give up on the drain now.
-            self._drain_deadline_s = 0.0
+            # A terminal's Ctrl-C or systemd signals the whole process group and the supervisor
+            # forwards the same stop: only a stop repeated later means "give up on the drain".
+            if time.monotonic() - self._stop_requested_s > _REPEATED_STOP_AFTER_S:
+                self._drain_deadline_s = 0.0
             return
+        self._stop_requested_s = time.monotonic()
         log.info("worker %d draining: %d in flight, %d responses to write", self.index,
                  self.driver.inflight, len(self.pending))
         self.stopping = True

@@ -256,3 +256,20 @@ def test_serve_install_flag_installs_the_schema(empty_db_dsn, serve, http_server
     with psycopg.connect(empty_db_dsn, autocommit=True) as conn:
         request_id = conn.execute("select net.http_get(%s)", (http_server.url_for("/echo"),)).fetchone()[0]
         assert wait_for_row(conn, request_id)["status_code"] == 200
+
+
+def test_stop_signal_to_the_whole_process_group_still_drains(db, db_dsn, serve, http_server):
+    """Ctrl-C in a terminal (or systemd) signals every process; in-flight requests still finish."""
+    import os
+    import signal
+
+    process = serve(db_dsn)
+    db.execute("select net.http_get(%s) from generate_series(1, 10)", (http_server.url_for("/delay/1000"),))
+    wait_until(lambda: db.execute(
+        "select count(*) from net.http_request_queue where lease_owner is not null").fetchone()[0] == 10,
+        message="all 10 requests claimed")
+    for pid in process.worker_pids():
+        os.kill(pid, signal.SIGINT)
+    process.proc.send_signal(signal.SIGINT)
+    assert process.proc.wait(30) == 0
+    assert db.execute("select count(*) from net._http_response where status_code = 200").fetchone()[0] == 10
