@@ -68,6 +68,10 @@ class Queue:
         with database_errors("releasing a dead worker's requests"):
             return self.conn.execute(self._sql["release_all"], {"owner": self.owner}).rowcount
 
+    def ask_for_help(self) -> None:
+        with database_errors("waking the other workers"):
+            self.conn.execute(self._sql["ask_for_help"])
+
     def read_settings(self) -> tuple[str | None, str | None]:
         """Return (pg_net.batch_size, pg_net.ttl) as the database has them, None when unset."""
         with database_errors("reading pg_net settings"):

@@ -40,6 +40,8 @@ _POLL_TO_EVENTS = {
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.1, 10.0
 # Per-request observations reach /metrics at most this late.
 METRICS_FLUSH_INTERVAL_S = 0.25
+# Calls for help (a NOTIFY that wakes every worker) at most this often.
+_HELP_INTERVAL_S = 0.05
 # A second stop signal within this many seconds of the first is the same request.
 _REPEATED_STOP_AFTER_S = 2.0
 # TTL sweep: at most this many delete statements per sweep, so a sweep never stalls the loop.
@@ -79,6 +81,8 @@ class Worker:
         self.want_claim = True
         self._reload_requested = False
         self._restart_requested = False
+        self._backend_pid = 0
+        self._next_help_s = 0.0
         self.stopping = False
         self._stop_requested_s = 0.0
         self._drain_deadline_s = 0.0
@@ -274,7 +278,11 @@ class Worker:
         return max(1, min(self.settings.batch_size, self.settings.max_inflight) // 4)
 
     def _maybe_claim(self, now: float) -> None:
-        if self.stopping or not self.want_claim or self._free_slots() < self._min_claim():
+        if self.stopping or not self.want_claim:
+            return
+        if self._free_slots() < self._min_claim():
+            # Work is waiting and we are full: let the other workers take it.
+            self._ask_for_help(now)
             return
         limit = min(self.settings.batch_size, self._free_slots())
         try:
@@ -293,8 +301,21 @@ class Worker:
             else:
                 self.driver.add(request)
         self.stats["claimed"] += len(requests)
-        # A full batch means more are probably waiting: claim again as slots free up.
+        # A full batch means more are probably waiting: claim again as slots free up. A busy
+        # worker wakes the others to share the load.
         self.want_claim = len(requests) == limit
+        if self.want_claim or self.driver.inflight >= self.settings.max_inflight // 2:
+            self._ask_for_help(now)
+
+    def _ask_for_help(self, now: float) -> None:
+        """Wake every worker of this database (at most every _HELP_INTERVAL_S)."""
+        if self.settings.workers == 1 or now < self._next_help_s:
+            return
+        self._next_help_s = now + _HELP_INTERVAL_S
+        try:
+            self.queue.ask_for_help()
+        except PgnetCurlError as exc:
+            self._on_db_error(exc)
 
     def _give_up(self, request: Request) -> None:
         """Answer a request whose workers kept dying with an error row instead of sending it again."""
@@ -377,7 +398,15 @@ class Worker:
 
     def _on_notify(self, notify: psycopg.Notify) -> None:
         if notify.channel == db.WAKE_CHANNEL:
-            self.want_claim = True
+            if notify.pid == self._backend_pid:
+                return  # our own call for help
+            # A committed request wakes one worker of the N, chosen by the sender's backend pid,
+            # so the others run no claim that finds nothing. A worker with more than it can take
+            # sends 'help', and every worker claims; the safety poll covers a designated worker
+            # that is down.
+            workers = self.settings.workers
+            if notify.payload == "help" or workers == 1 or notify.pid % workers == self.index - 1:
+                self.want_claim = True
         elif notify.channel == db.CONTROL_CHANNEL and notify.payload == "restart":
             self._restart_requested = True
 
@@ -402,6 +431,7 @@ class Worker:
             return
         conn.add_notify_handler(self._on_notify)
         self.conn, self.queue = conn, queue
+        self._backend_pid = conn.info.backend_pid
         self._db_fd = conn.fileno()
         self._watch(self._db_fd, select.POLLIN, _DB)
         metrics.worker_db_connected.set(1)

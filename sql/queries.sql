@@ -57,6 +57,10 @@ update net.http_request_queue
 set lease_owner = null, lease_expires_at = null
 where lease_owner = %(owner)s;
 
+-- name: ask_for_help
+-- Wake every worker of this database: this one has more work than it can take.
+select pg_notify('pgnet_curl_wake', 'help');
+
 -- name: read_settings
 -- pg_net's settings, as pg_net reads them (NULL when unset).
 select current_setting('pg_net.batch_size', true), current_setting('pg_net.ttl', true);

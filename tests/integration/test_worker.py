@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import psycopg
@@ -88,7 +89,7 @@ def test_refused_connection_and_http_errors_are_rows(db, db_dsn, serve, http_ser
 
 
 def test_two_thousand_requests_in_one_transaction_all_answered_once(db_dsn, serve, http_server):
-    serve(db_dsn, workers=2)
+    process = serve(db_dsn, workers=2)
     http_server.reset()
     with psycopg.connect(db_dsn) as conn:
         conn.execute("select net.http_get(%s || '/echo?n=' || n) from generate_series(1, 2000) n",
@@ -101,6 +102,10 @@ def test_two_thousand_requests_in_one_transaction_all_answered_once(db_dsn, serv
         ).fetchone() == (2000, 2000, 2000)
         assert conn.execute("select count(*) from net.http_request_queue").fetchone()[0] == 0
     assert http_server.hits("/echo") == 2000
+    # One worker is woken per commit; with a backlog it calls the other in to share it.
+    assert process.stop() == 0
+    claimed = [int(n) for n in re.findall(r"worker \d stopped: \{'claimed': (\d+)", process.log)]
+    assert sum(claimed) == 2000 and len(claimed) == 2 and min(claimed) > 0, claimed
 
 
 def test_slow_request_does_not_delay_fast_ones(db, db_dsn, serve, http_server):
