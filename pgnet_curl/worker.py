@@ -278,7 +278,12 @@ class Worker:
         return max(1, min(self.settings.batch_size, self.settings.max_inflight) // 4)
 
     def _maybe_claim(self, now: float) -> None:
-        if self.stopping or not self.want_claim:
+        if not self.want_claim:
+            return
+        if self.stopping:
+            # Woken while draining: pass the work on to whoever still serves.
+            self.want_claim = False
+            self._ask_for_help(now)
             return
         if self._free_slots() < self._min_claim():
             # Work is waiting and we are full: let the other workers take it.
@@ -309,7 +314,7 @@ class Worker:
 
     def _ask_for_help(self, now: float) -> None:
         """Wake every worker of this database (at most every _HELP_INTERVAL_S)."""
-        if self.settings.workers == 1 or now < self._next_help_s:
+        if now < self._next_help_s:
             return
         self._next_help_s = now + _HELP_INTERVAL_S
         try:
