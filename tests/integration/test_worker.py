@@ -34,6 +34,12 @@ def wait_for_row(db, request_id: int, timeout_s: float = 15) -> dict:
     return wait_until(lambda: row(db, request_id), timeout_s, message=f"response of request {request_id}")
 
 
+def wait_claimed(db, count: int) -> None:
+    wait_until(lambda: db.execute(
+        "select count(*) from net.http_request_queue where lease_owner is not null").fetchone()[0] == count,
+        message=f"all {count} requests claimed")
+
+
 def test_get_post_delete_round_trips(db, db_dsn, serve, http_server):
     serve(db_dsn)
     get_id = db.execute("select net.http_get(%s, '{\"q\": \"a b\"}', '{\"X-Test\": \"yes\"}')",
@@ -169,9 +175,7 @@ def test_terminated_database_session_is_survived(db, db_dsn, serve, http_server)
 def test_sigterm_lets_in_flight_requests_finish(db, db_dsn, serve, http_server):
     process = serve(db_dsn)
     db.execute("select net.http_get(%s) from generate_series(1, 20)", (http_server.url_for("/delay/1500"),))
-    wait_until(lambda: db.execute(
-        "select count(*) from net.http_request_queue where lease_owner is not null").fetchone()[0] == 20,
-        message="all 20 requests claimed")
+    wait_claimed(db, 20)
     assert process.stop() == 0
     assert response_count(db) == 20
     assert db.execute("select count(*) from net._http_response where status_code = 200").fetchone()[0] == 20
@@ -181,9 +185,7 @@ def test_drain_deadline_releases_unfinished_requests_for_the_next_worker(db, db_
     process = serve(db_dsn, "--drain-timeout", "0.5")
     db.execute("select net.http_get(%s, timeout_milliseconds => 20000) from generate_series(1, 5)",
                (http_server.url_for("/delay/8000"),))
-    wait_until(lambda: db.execute(
-        "select count(*) from net.http_request_queue where lease_owner is not null").fetchone()[0] == 5,
-        message="all 5 requests claimed")
+    wait_claimed(db, 5)
     assert process.stop() == 0
     assert "released 5 unfinished requests" in process.log
     assert db.execute("select count(*) from net.http_request_queue where lease_owner is null").fetchone()[0] == 5
@@ -270,9 +272,7 @@ def test_stop_signal_to_the_whole_process_group_still_drains(db, db_dsn, serve, 
 
     process = serve(db_dsn)
     db.execute("select net.http_get(%s) from generate_series(1, 10)", (http_server.url_for("/delay/1000"),))
-    wait_until(lambda: db.execute(
-        "select count(*) from net.http_request_queue where lease_owner is not null").fetchone()[0] == 10,
-        message="all 10 requests claimed")
+    wait_claimed(db, 10)
     for pid in process.worker_pids():
         os.kill(pid, signal.SIGINT)
     process.proc.send_signal(signal.SIGINT)
