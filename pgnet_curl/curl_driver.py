@@ -113,8 +113,10 @@ class CurlDriver:
         method = request.method
         if request.body is not None:
             transfer.dirty = True
+            # POSTFIELDS, not COPYPOSTFIELDS: pycurl refuses NUL bytes in the copying one; it
+            # keeps a reference to the bytes for as long as the handle uses them.
             setopt(pycurl.POSTFIELDSIZE_LARGE, len(request.body))
-            setopt(pycurl.COPYPOSTFIELDS, request.body)
+            setopt(pycurl.POSTFIELDS, request.body)
             if method != "POST":
                 setopt(pycurl.CUSTOMREQUEST, method)
         elif method == "HEAD":

@@ -93,3 +93,13 @@ def test_invalid_request_becomes_an_error_response(server):
     [response] = loop.driver.take_finished()
     assert response.id == 7 and response.error_msg.startswith("Invalid request")
     assert loop.run(Request(8, "GET", server.url_for("/echo"), {}, None, 5000)).status_code == 200
+
+
+def test_binary_body_with_nul_bytes_is_sent_whole(server):
+    loop = Loop()
+    body = bytes(range(256)) * 4
+    response = loop.run(Request(1, "PUT", server.url_for("/echo"), {"Content-Type": "application/octet-stream"},
+                                body, 5000))
+    import base64
+
+    assert base64.b64decode(echo(response)["body_base64"]) == body
