@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import os
@@ -160,3 +161,35 @@ def test_misbehaving_servers_give_error_rows_and_the_worker_carries_on(served_db
 def test_refused_connection_keeps_pg_net_text(served_db):
     row = fetch(served_db, "http://127.0.0.1:1/")
     assert row["error_msg"] == "Couldn't connect to server"
+
+
+def request_row(db, method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> dict:
+    request_id = db.execute("select net.http_request(%s, %s, %s, headers => %s::jsonb)",
+                            (method, url, body, json.dumps(headers or {}))).fetchone()[0]
+
+    def stored():
+        cur = db.execute("select * from net._http_response where id = %s", (request_id,))
+        values = cur.fetchone()
+        return dict(zip([c.name for c in cur.description], values)) if values else None
+
+    return wait_until(stored, timeout_s=30, message=f"response row of {method} {url}")
+
+
+def test_generic_request_sends_any_method_and_body(served_db, http_server):
+    url = http_server.url_for("/echo")
+    put = json.loads(request_row(served_db, "PUT", url, b"plain text", {"Content-Type": "text/plain"})["content"])
+    assert (put["method"], put["body"]) == ("PUT", "plain text")
+    assert ["Content-Type", "text/plain"] in put["headers"]
+    binary = bytes(range(256))
+    patch = json.loads(request_row(served_db, "PATCH", url, binary,
+                                   {"Content-Type": "application/octet-stream"})["content"])
+    assert patch["method"] == "PATCH" and base64.b64decode(patch["body_base64"]) == binary
+    head = request_row(served_db, "HEAD", url)
+    assert (head["status_code"], head["content"]) == (200, None)
+    options = json.loads(request_row(served_db, "OPTIONS", url)["content"])
+    assert options["method"] == "OPTIONS"
+
+
+def test_generic_request_refuses_a_bad_method(served_db):
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="method must be an HTTP method token"):
+        served_db.execute("select net.http_request('BAD METHOD', 'http://127.0.0.1:1/')")
