@@ -35,13 +35,18 @@ def fetch(db, url: str, timeout_ms: int = 5000, headers: dict | None = None) -> 
         "select net.http_get(%s, headers => %s::jsonb, timeout_milliseconds => %s)",
         (url, json.dumps(headers or {}), timeout_ms),
     ).fetchone()[0]
+    return wait_for_row(db, request_id, f"response row of {url}")
+
+
+def wait_for_row(db, request_id: int, message: str) -> dict:
+    """Wait for a request's response row and return it as a dict."""
 
     def stored():
         cur = db.execute("select * from net._http_response where id = %s", (request_id,))
         values = cur.fetchone()
         return dict(zip([c.name for c in cur.description], values)) if values else None
 
-    return wait_until(stored, timeout_s=30, message=f"response row of {url}")
+    return wait_until(stored, timeout_s=30, message=message)
 
 
 def test_binary_body_with_every_byte_is_stored_whole(served_db, http_server):
@@ -166,13 +171,7 @@ def test_refused_connection_keeps_pg_net_text(served_db):
 def request_row(db, method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> dict:
     request_id = db.execute("select net.http_request(%s, %s, %s, headers => %s::jsonb)",
                             (method, url, body, json.dumps(headers or {}))).fetchone()[0]
-
-    def stored():
-        cur = db.execute("select * from net._http_response where id = %s", (request_id,))
-        values = cur.fetchone()
-        return dict(zip([c.name for c in cur.description], values)) if values else None
-
-    return wait_until(stored, timeout_s=30, message=f"response row of {method} {url}")
+    return wait_for_row(db, request_id, f"response row of {method} {url}")
 
 
 def test_generic_request_sends_any_method_and_body(served_db, http_server):
