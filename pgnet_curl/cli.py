@@ -35,10 +35,24 @@ def cli(log_level: str, log_format: str) -> None:
 @click.option("--durable/--unlogged", default=None,
               help="Logged tables that survive a crash, or unlogged ones like pg_net's "
                    "(default: unlogged for a new install, unchanged for an existing one).")
-def install(dsn: str, durable: bool | None) -> None:
+@click.option("--private/--shared", default=None,
+              help="Private: only roles granted pgnet_user may make requests, and each role sees only "
+                   "its own; shared: pg_net's model (default: shared for a new install, unchanged for "
+                   "an existing one).")
+@click.option("--worker-role", metavar="NAME",
+              help="Create (or keep) login role NAME, a member of pgnet_worker, for serve to connect as.")
+@click.option("--worker-password", envvar="PGNET_WORKER_PASSWORD", show_envvar=True,
+              help="Password to set for --worker-role (sent hashed).")
+def install(dsn: str, durable: bool | None, private: bool | None, worker_role: str | None,
+            worker_password: str | None) -> None:
     """Install or upgrade the net schema in a database (safe to run again)."""
-    version = schema.install(dsn, durable=durable)
+    if worker_password is not None and not worker_role:
+        raise click.UsageError("--worker-password needs --worker-role")
+    version = schema.install(dsn, durable=durable, private=private, worker_role=worker_role,
+                             worker_password=worker_password)
     click.echo(f"net schema version {version} installed")
+    if worker_role:
+        click.echo(f"worker role {worker_role} is a member of pgnet_worker: serve with a DSN that logs in as it")
 
 
 @cli.command()
@@ -52,9 +66,11 @@ def uninstall(dsn: str) -> None:
 
 @cli.command()
 @click.option("--durable", is_flag=True, help="Make the tables logged instead of unlogged.")
-def sql(durable: bool) -> None:
+@click.option("--private/--shared", default=None,
+              help="Install the private or the shared privilege mode (default: keep what is installed).")
+def sql(durable: bool, private: bool | None) -> None:
     """Print the install script, for people who run migrations with their own tools."""
-    click.echo(schema.install_script(durable), nl=False)
+    click.echo(schema.install_script(durable, private), nl=False)
 
 
 @cli.command()

@@ -7,6 +7,7 @@ from typing import Iterator
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .errors import DatabaseUnavailable, PgnetCurlError, SchemaError
 
@@ -17,6 +18,14 @@ CONNECT_TIMEOUT_S = 10
 # LISTEN connection probes with keepalives; unacknowledged sends give up after the user timeout.
 _TCP_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3, "keepalives_count": 3,
                 "tcp_user_timeout": 20000}
+
+
+def with_user(dsn: str, user: str) -> str:
+    """Return dsn with its login role replaced by user (and no password)."""
+    params = conninfo_to_dict(dsn)
+    params.pop("password", None)
+    params["user"] = user
+    return make_conninfo(**params)
 
 
 @contextlib.contextmanager
@@ -42,6 +51,10 @@ def connect(dsn: str, application_name: str, listen: bool = False) -> psycopg.Co
             dsn, autocommit=True, application_name=application_name, connect_timeout=CONNECT_TIMEOUT_S,
             **_TCP_OPTIONS,
         )
+        # Our statements name net.* objects in full; resolving nothing else outside pg_catalog
+        # means no role's look-alike function in another schema can run in our session.
+        setup = "set search_path = pg_catalog, pg_temp"
         if listen:
-            conn.execute(f"listen {WAKE_CHANNEL}; listen {CONTROL_CHANNEL}")
+            setup += f"; listen {WAKE_CHANNEL}; listen {CONTROL_CHANNEL}"
+        conn.execute(setup)
         return conn

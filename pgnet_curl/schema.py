@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import re
+import secrets
 from importlib import resources
 from pathlib import Path
 
@@ -40,10 +44,16 @@ def latest_version() -> int:
     return migrations()[-1][0]
 
 
-def install_script(durable: bool = False) -> str:
-    """Return the whole idempotent install script, as `pgnet-curl sql` prints it."""
+def install_script(durable: bool = False, private: bool | None = None) -> str:
+    """Return the whole idempotent install script, as `pgnet-curl sql` prints it.
+
+    private=True installs the private mode, False the shared one, None keeps what an existing
+    install has (shared for a new one); see sql/0004_privileges.sql.
+    """
     parts = [f"-- pgnet-curl schema version {latest_version()}\nbegin;\n"]
     parts.append(f"select pg_advisory_xact_lock({INSTALL_LOCK_KEY});\n")
+    if private is not None:
+        parts.append(f"set local pgnet_curl.private = {'on' if private else 'off'};\n")
     for _, name, text in migrations():
         parts.append(f"\n-- ==== {name} ====\n{text}")
     parts.append("\n" + _persistence_sql(durable))
@@ -77,22 +87,58 @@ def _installed_version(conn: psycopg.Connection) -> int | None:
     return conn.execute("select max(version) from net._schema_migrations").fetchone()[0]
 
 
-def install(dsn: str, durable: bool | None = None) -> int:
+def install(dsn: str, durable: bool | None = None, private: bool | None = None,
+            worker_role: str | None = None, worker_password: str | None = None) -> int:
     """Apply the schema to the database at dsn; safe to run again. Return the version.
 
     durable=True makes the tables logged (they survive a crash), False unlogged (pg_net's
-    choice), None leaves an existing install as it is (new installs are unlogged).
+    choice), None leaves an existing install as it is (new installs are unlogged). private
+    likewise chooses the privilege mode. worker_role names a login role to create (or keep)
+    as a member of pgnet_worker, for `serve` to connect as.
     """
     with db.connect(dsn, "pgnet-curl install") as conn:
         try:
             if durable is None and _installed_version(conn) is not None:
                 durable = _is_logged(conn)
-            conn.execute(install_script(bool(durable)).encode())
+            conn.execute(install_script(bool(durable), private).encode())
+            if worker_role:
+                ensure_worker_role(conn, worker_role, worker_password)
             return _installed_version(conn)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise DatabaseUnavailable(f"lost the database while installing the net schema: {exc}") from exc
         except psycopg.Error as exc:
             raise SchemaError(f"could not install the net schema: {exc}") from exc
+
+
+def ensure_worker_role(conn: psycopg.Connection, name: str, password: str | None = None) -> None:
+    """Create login role `name` if it does not exist and make it a member of pgnet_worker.
+
+    The role gets nothing else: pgnet_worker holds exactly the privileges the worker uses.
+    A password, when given, is set (also on an existing role).
+    """
+    from psycopg import sql
+
+    role = sql.Identifier(name)
+    exists = conn.execute("select rolsuper from pg_roles where rolname = %s", (name,)).fetchone()
+    if exists and exists[0]:
+        raise SchemaError(f"role {name} is a superuser: the worker's role must not be one; pick another name")
+    if not exists:
+        conn.execute(sql.SQL("create role {} login").format(role))
+    if password is not None:
+        # Sent already hashed, so the password itself never reaches the server's statement log.
+        conn.execute(sql.SQL("alter role {} login password {}").format(role, sql.Literal(scram_verifier(password))))
+    conn.execute(sql.SQL("grant pgnet_worker to {}").format(role))
+
+
+def scram_verifier(password: str, iterations: int = 4096) -> str:
+    """Return PostgreSQL's SCRAM-SHA-256 verifier for a password (RFC 5802, RFC 7677)."""
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    b64 = lambda raw: base64.b64encode(raw).decode("ascii")  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
 
 
 def _is_logged(conn: psycopg.Connection) -> bool:

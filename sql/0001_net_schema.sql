@@ -440,8 +440,6 @@ end
 $$;
 comment on function net.wait_until_running() is 'waits until the worker is running';
 
-grant usage on schema net to public;
-grant all on all tables in schema net to public;
-grant all on all sequences in schema net to public;
+-- Privileges are set by 0004_privileges.sql, after every object exists.
 
 insert into net._schema_migrations(version) values (1) on conflict do nothing;

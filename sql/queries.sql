@@ -35,13 +35,13 @@ with r as (
 ), done as (
     delete from net.http_request_queue
     where id = any(array(select id from r)) and lease_owner = %(owner)s
-    returning id
+    returning id, requested_by
 )
 insert into net._http_response
-    (id, status_code, content_type, headers, content, content_bytes, timed_out, error_msg)
-select id, status_code, content_type, nullif(headers, 'null'), content, content_bytes, timed_out, error_msg
-from r
-where id in (select id from done)
+    (id, status_code, content_type, headers, content, content_bytes, timed_out, error_msg, requested_by)
+select r.id, status_code, content_type, nullif(headers, 'null'), content, content_bytes, timed_out, error_msg,
+       done.requested_by
+from r join done on done.id = r.id
 on conflict (id) do nothing;
 
 -- name: release
