@@ -29,6 +29,11 @@ def test_serve_without_dsn_runs_embedded_postgres_end_to_end(tmp_path, http_serv
                 "select status_code, content_type from net._http_response where id = %s", (request_id,)).fetchone(),
                 message="the response row")
         assert row == (200, "application/json")
+        with psycopg.connect(dsn) as conn:
+            # The workers log in as an unprivileged member of pgnet_worker, not as the superuser.
+            assert conn.execute(
+                "select distinct a.usename, r.rolsuper from pg_stat_activity a join pg_roles r on r.rolname = a.usename "
+                "where a.application_name like 'pgnet-curl worker%'").fetchall() == [("pgnet_curl_worker", False)]
         assert process.stop() == 0
         assert not (tmp_path / "data" / "pgdata" / "postmaster.pid").exists(), "the embedded server was stopped"
     finally:

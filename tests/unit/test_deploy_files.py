@@ -246,6 +246,17 @@ def test_compose_install_is_a_one_shot_install_after_postgres():
     assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert str(service.get("restart", "no")) == "no"
     assert "PGNET_DSN" in service["environment"]
+    assert flag_value(command_of(service), "--worker-role") == "pgnet_curl_worker"
+    assert "PGNET_WORKER_PASSWORD" in service["environment"]
+
+
+def test_compose_serves_as_the_worker_role_not_the_superuser():
+    services = compose()["services"]
+    install_dsn = services["pgnet-curl-install"]["environment"]["PGNET_DSN"]
+    serve_dsn = services["pgnet-curl"]["environment"]["PGNET_DSN"]
+    assert install_dsn.startswith("postgresql://postgres:")
+    role = flag_value(command_of(services["pgnet-curl-install"]), "--worker-role")
+    assert serve_dsn.startswith(f"postgresql://{role}:${{PGNET_WORKER_PASSWORD"), serve_dsn
 
 
 def test_compose_service_serves_with_metrics_port_and_scales():
