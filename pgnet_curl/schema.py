@@ -57,6 +57,8 @@ def install_script(durable: bool = False, private: bool | None = None) -> str:
     for _, name, text in migrations():
         parts.append(f"\n-- ==== {name} ====\n{text}")
     parts.append("\n" + _persistence_sql(durable))
+    # Last: privileges for every object, whichever file created it (sql/0004_privileges.sql).
+    parts.append("select net._apply_privileges();\n")
     parts.append("\ncommit;\n")
     return "".join(parts)
 

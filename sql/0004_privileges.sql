@@ -1,7 +1,8 @@
 -- pgnet-curl schema, version 4: least privilege, and a private mode.
 --
--- Runs after every other file on each install, so it also tightens the grants of an older
--- install (which gave PUBLIC every privilege on the tables). Two modes, kept in
+-- net._apply_privileges() runs at the end of every install (after the last file), so it covers
+-- objects of later versions and tightens the grants of an older install (which gave PUBLIC
+-- every privilege on the tables). Two modes, kept in
 -- net._install_options and changed only when the installer says so
 -- (`pgnet-curl install --private` / `--shared`, or `set pgnet_curl.private = on|off` in the
 -- install transaction before this file runs):
@@ -45,7 +46,13 @@ comment on column net.http_request_queue.requested_by is
 comment on column net._http_response.requested_by is
     'The role that made the request, copied from the queue by the worker (pgnet-curl).';
 
-do $$
+-- Grant exactly what the mode allows, on every object of schema net. The install script calls
+-- this after its last file, so objects added by later versions are covered too.
+create or replace function net._apply_privileges()
+    returns void
+    language plpgsql
+    set search_path = pg_catalog, pg_temp
+as $$
 declare
     private_mode bool := (select private from net._install_options);
     request_functions text[] := array['http_get', 'http_post', 'http_delete', 'http_request', '_queue_request'];
@@ -126,6 +133,7 @@ begin
         grant usage on schema net to pgnet_user;
         grant execute on all functions in schema net to pgnet_user;
         revoke execute on function net.worker_restart() from pgnet_user;
+        revoke execute on function net._apply_privileges() from pgnet_user;
         grant select on net.http_request_queue to pgnet_user;
         grant insert (method, url, headers, body, timeout_milliseconds) on net.http_request_queue to pgnet_user;
         grant usage on sequence net.http_request_queue_id_seq to pgnet_user;
@@ -139,18 +147,14 @@ begin
         alter table net.http_request_queue disable row level security;
         alter table net._http_response disable row level security;
     end if;
-end
-$$;
 
--- Row-level security (in force in private mode only): each role its own rows; the worker all.
-drop policy if exists own_requests on net.http_request_queue;
-create policy own_requests on net.http_request_queue
-    using (requested_by = current_user) with check (requested_by = current_user);
-drop policy if exists own_responses on net._http_response;
-create policy own_responses on net._http_response
-    using (requested_by = current_user) with check (requested_by = current_user);
-do $$
-begin
+    -- Row-level security (in force in private mode only): each role its own rows; the worker all.
+    drop policy if exists own_requests on net.http_request_queue;
+    create policy own_requests on net.http_request_queue
+        using (requested_by = current_user) with check (requested_by = current_user);
+    drop policy if exists own_responses on net._http_response;
+    create policy own_responses on net._http_response
+        using (requested_by = current_user) with check (requested_by = current_user);
     if exists (select from pg_roles where rolname = 'pgnet_worker') then
         drop policy if exists worker_all on net.http_request_queue;
         create policy worker_all on net.http_request_queue to pgnet_worker using (true) with check (true);
