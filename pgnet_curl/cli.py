@@ -100,6 +100,10 @@ def _serve_options(function):
         ("--max-attempts", int, "Claims without an answer before an error row (default 5)."),
         ("--max-response-bytes", int, "Larger bodies end in an error row (default 32 MiB)."),
         ("--max-host-connections", int, "Connections per destination host (default: no limit)."),
+        ("--max-retries", int, "Retries of transient failures for requests that name none (default 0)."),
+        ("--retry-backoff-ms", int, "Base of the exponential backoff between retries (default 1000)."),
+        ("--retry-backoff-cap-ms", int, "Longest wait between attempts, Retry-After included (default 300000)."),
+        ("--notify-channel", str, "NOTIFY this channel with the request id when a response is stored."),
     ]
     for flag, kind, text in reversed(options):
         envvar = "PGNET_" + flag[2:].replace("-", "_").upper()

@@ -191,7 +191,7 @@ class CurlDriver:
         if code == pycurl.E_OPERATION_TIMEDOUT:
             info = handle.getinfo
             return Response(
-                request.id, timed_out=True, duration_s=duration_s, request=request,
+                request.id, timed_out=True, curl_code=code, duration_s=duration_s, request=request,
                 error_msg=timeout_message(
                     request.timeout_ms, info(pycurl.NAMELOOKUP_TIME), info(pycurl.CONNECT_TIME),
                     info(pycurl.APPCONNECT_TIME), info(pycurl.PRETRANSFER_TIME), info(pycurl.TOTAL_TIME),
@@ -200,7 +200,7 @@ class CurlDriver:
         if code == pycurl.E_FILESIZE_EXCEEDED:
             message = f"the response is larger than the {self._max_response_bytes}-byte cap (--max-response-bytes)"
         if code:
-            return Response(request.id, error_msg=curl_error_text(code, message),
+            return Response(request.id, error_msg=curl_error_text(code, message), curl_code=code,
                             duration_s=duration_s, request=request)
         content_type = handle.getinfo(pycurl.CONTENT_TYPE)
         content, content_bytes = decode_body(transfer.body.getvalue(), content_type)

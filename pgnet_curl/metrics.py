@@ -50,6 +50,8 @@ lease_reclaims_total = Counter(
     "pgnet_curl_lease_reclaims_total", "Requests claimed again after another worker's lease expired.")
 lease_lost_total = Counter(
     "pgnet_curl_lease_lost_total", "Responses not written because the lease had passed to another worker.")
+retries_scheduled_total = Counter(
+    "pgnet_curl_retries_scheduled_total", "Transient failures put back in the queue for another attempt.")
 responses_expired_total = Counter(
     "pgnet_curl_responses_expired_total", "Responses deleted after pg_net.ttl.")
 
@@ -59,6 +61,7 @@ METRIC_NAMES = frozenset({
     "pgnet_curl_inflight_requests", "pgnet_curl_queue_depth", "pgnet_curl_queue_oldest_pending_seconds",
     "pgnet_curl_workers_alive", "pgnet_curl_worker_db_connected", "pgnet_curl_worker_restarts_total", "pgnet_curl_db_reconnects_total",
     "pgnet_curl_lease_reclaims_total", "pgnet_curl_lease_lost_total", "pgnet_curl_responses_expired_total",
+    "pgnet_curl_retries_scheduled_total",
 })
 
 

@@ -17,6 +17,15 @@ class Request:
     timeout_ms: int
     attempts: int = 1
     created_epoch_s: float = 0.0
+    # Delivery options (sql/0007_delivery.sql); None means the server's default.
+    retries: int = 0
+    max_retries: int | None = None
+    retry_backoff_ms: int | None = None
+    has_completion_hook: bool = False
+    idempotency_key: str | None = None
+    signing_key_id: str | None = None
+    callback_oid: int | None = None
+    requested_by: str | None = None
 
 
 @dataclass(slots=True)
@@ -32,6 +41,15 @@ class Response:
     content_bytes: bytes | None = None
     timed_out: bool = False
     error_msg: str | None = None
-    # Not stored: for metrics.
+    # Not stored as such: for retries and metrics.
+    curl_code: int = 0
+    retry_after: str | None = None
+    # Set by the worker: try again in this many ms instead of storing the row.
+    retry_in_ms: float | None = None
     duration_s: float = 0.0
     request: Request | None = None
+
+    @property
+    def failed(self) -> bool:
+        """An error, a timeout or an HTTP status of 400 or more: kept for replay."""
+        return self.status_code is None or self.timed_out or self.status_code >= 400

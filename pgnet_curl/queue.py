@@ -41,20 +41,37 @@ class Queue:
             ).fetchall()
         rows.sort()
         return [
-            Request(id, method, url, json.loads(headers), body, timeout_ms, attempts, created)
-            for id, method, url, headers, body, timeout_ms, attempts, created in rows
+            Request(id, method, url, json.loads(headers), body, timeout_ms, attempts, created, *options)
+            for id, method, url, headers, body, timeout_ms, attempts, created, *options in rows
         ]
 
-    def write(self, responses: list[Response]) -> int:
-        """Store responses of requests still leased to us and dequeue them; return rows stored."""
+    def write(self, responses: list[Response], notify_channel: str | None = None) -> int:
+        """Store responses of requests still leased to us and dequeue them (or reschedule their
+        retries), then run their SQL callbacks, in one transaction; return rows written."""
         rows = json.dumps([
             [r.id, r.status_code, r.content_type, r.headers, r.content,
              None if r.content_bytes is None else base64.b64encode(r.content_bytes).decode("ascii"),
-             r.timed_out, r.error_msg]
+             r.timed_out, r.error_msg, r.retry_in_ms, r.request.retries + 1 if r.request else 1, r.failed]
             for r in responses
         ])
+        params = {"owner": self.owner, "rows": rows, "notify_channel": notify_channel}
         with database_errors("writing responses"):
-            return self.conn.execute(self._sql["write_back"], {"owner": self.owner, "rows": rows}).rowcount
+            if not any(r.request and r.request.callback_oid for r in responses):
+                return self.conn.execute(self._sql["write_back"], params).fetchone()[0]
+            with self.conn.transaction():
+                written, _, callback_ids = self.conn.execute(self._sql["write_back"], params).fetchone()
+                stored = set(callback_ids or ())
+                calls = [[r.id, r.request.callback_oid, r.request.requested_by]
+                         for r in responses if r.id in stored and r.request.callback_oid]
+                if calls:
+                    self.conn.execute(self._sql["run_callbacks"], {"calls": json.dumps(calls)})
+                return written
+
+    def signing_keys(self) -> list[tuple[str, bytes, float | None]]:
+        """Return (key_id, secret, expiry epoch or None) of every key that has not expired."""
+        with database_errors("reading signing keys"):
+            return [(key_id, bytes(secret), expires) for key_id, secret, expires
+                    in self.conn.execute(self._sql["signing_keys"]).fetchall()]
 
     def release(self, ids: list[int]) -> int:
         """Give unfinished requests back to the queue at once instead of at lease expiry."""
@@ -80,6 +97,10 @@ class Queue:
     def delete_expired(self, ttl_s: float, limit: int) -> int:
         with database_errors("deleting expired responses"):
             return self.conn.execute(self._sql["delete_expired"], {"ttl_s": ttl_s, "limit": limit}).rowcount
+
+    def delete_expired_archive(self, ttl_s: float, limit: int) -> int:
+        with database_errors("deleting expired failed requests"):
+            return self.conn.execute(self._sql["delete_expired_archive"], {"ttl_s": ttl_s, "limit": limit}).rowcount
 
     def sample(self) -> tuple[int, float | None]:
         """Return (requests queued or in flight, age in seconds of the oldest one or None)."""

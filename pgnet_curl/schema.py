@@ -18,7 +18,8 @@ from .errors import DatabaseUnavailable, SchemaError
 # Serialises concurrent installs of the same database (any constant works; this spells "pgnet").
 INSTALL_LOCK_KEY = 0x70676E6574
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
-TABLES = ("net.http_request_queue", "net._http_response")
+# Tables made logged by --durable (unlogged by default, like pg_net's).
+TABLES = ("net.http_request_queue", "net._http_response", "net._http_request_archive")
 
 
 def sql_dir() -> Path:

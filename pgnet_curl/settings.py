@@ -49,6 +49,13 @@ class Settings:
     max_redirects: int = 10
     # Connections per destination host at most (0: no limit).
     max_host_connections: int = 0
+    # Retries of transient failures, for requests that name no max_retries / retry_backoff.
+    max_retries: int = 0
+    retry_backoff_ms: int = 1000
+    # No wait between attempts is longer, whatever the backoff or Retry-After says.
+    retry_backoff_cap_ms: int = 300_000
+    # NOTIFY this channel with the request id when a response is stored (requests may name one).
+    notify_channel: str | None = None
     # Which settings came from flags/env and so win over the database's pg_net.* values.
     pinned: frozenset = frozenset()
 
@@ -81,9 +88,14 @@ def _validate(settings: Settings) -> None:
                  "max_response_bytes", "max_attempts"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
-    for name in ("lease_grace_s", "flush_interval_ms", "poll_interval_s", "drain_timeout_s"):
+    for name in ("lease_grace_s", "flush_interval_ms", "poll_interval_s", "drain_timeout_s", "max_retries"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"{name.replace('_', '-')} must not be negative")
+    for name in ("retry_backoff_ms", "retry_backoff_cap_ms"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
+    if settings.notify_channel is not None and not 0 < len(settings.notify_channel.encode()) < 64:
+        raise ConfigError("notify-channel must be a channel name of 1 to 63 bytes")
 
 
 def parse_positive_int(name: str, text: str | None, default: int) -> int:

@@ -6,6 +6,7 @@ Data flows one way: claim from the queue -> curl driver -> write-back buffer -> 
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import random
@@ -18,7 +19,7 @@ import time
 import psycopg
 import pycurl
 
-from . import db, metrics, schema
+from . import db, metrics, retry, schema, signing
 from .curl_driver import CurlDriver
 from .errors import DatabaseUnavailable, PgnetCurlError, SchemaError
 from .model import Request, Response
@@ -80,6 +81,9 @@ class Worker:
         self._oldest_pending_s = 0.0
         self.want_claim = True
         self._reload_requested = False
+        self._reload_keys_requested = False
+        # Monotonic times at which retries this worker put back become due (a heap).
+        self._retries_due_s: list[float] = []
         self._restart_requested = False
         self._backend_pid = 0
         self._next_help_s = 0.0
@@ -92,7 +96,9 @@ class Worker:
         self._next_ttl_sweep_s = now
         self.tally = metrics.Tally()
         self._next_metrics_flush_s = 0.0
-        self.stats = {"claimed": 0, "written": 0, "lease_lost": 0, "reclaimed": 0, "reconnects": 0}
+        self.stats = {"claimed": 0, "written": 0, "lease_lost": 0, "reclaimed": 0, "reconnects": 0, "retries": 0}
+        # (key_id, secret, expiry epoch or None) of the signing keys, read at connect and on change.
+        self._signing_keys: list[tuple[str, bytes, float | None]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -189,6 +195,7 @@ class Worker:
         if finished:
             if not self.pending:
                 self._oldest_pending_s = now
+            self._plan_retries(finished, now)
             self.pending.extend(finished)
             self._count_finished(finished)
         if self.conn is None:
@@ -228,6 +235,8 @@ class Worker:
             deadlines.extend((self._next_settings_s, self._next_ttl_sweep_s))
         if self.stopping:
             deadlines.append(self._drain_deadline_s)
+        if self._retries_due_s:
+            deadlines.append(self._retries_due_s[0])
         if self.want_claim and self._free_slots() >= self._min_claim() and not self.stopping:
             deadlines.append(now)
         return max(0.0, min(deadlines) - now)
@@ -303,7 +312,7 @@ class Worker:
             self.tally.claimed(max(0.0, now_epoch_s - request.created_epoch_s))
             if request.attempts > self.settings.max_attempts:
                 self._give_up(request)
-            else:
+            elif self._sign(request):
                 self.driver.add(request)
         self.stats["claimed"] += len(requests)
         # A full batch means more are probably waiting: claim again as slots free up. A busy
@@ -326,12 +335,52 @@ class Worker:
         """Answer a request whose workers kept dying with an error row instead of sending it again."""
         log.warning("worker %d: request %d was claimed %d times without an answer; storing an error row",
                     self.index, request.id, request.attempts)
+        self._answer(request, f"gave up after {request.attempts - 1} attempts: the worker sending it stopped each time")
+
+    def _answer(self, request: Request, error_msg: str) -> None:
+        """Store an error row for a request that will not be sent."""
         if not self.pending:
             self._oldest_pending_s = time.monotonic()
-        self.pending.append(Response(
-            request.id, request=request,
-            error_msg=f"gave up after {request.attempts - 1} attempts: the worker sending it stopped each time",
-        ))
+        self.pending.append(Response(request.id, request=request, error_msg=error_msg))
+
+    # ---- delivery: signing and retries -----------------------------------------------------
+
+    def _sign(self, request: Request) -> bool:
+        """Add Standard Webhooks headers to a request that asks for them; False if it can't be sent."""
+        if request.idempotency_key is None and request.signing_key_id is None:
+            return True
+        secrets_now = []
+        if request.signing_key_id is not None:
+            now_epoch_s = time.time()
+            secrets_now = [secret for key_id, secret, expires in self._signing_keys
+                           if key_id == request.signing_key_id and (expires is None or expires > now_epoch_s)]
+            if not secrets_now:
+                self._answer(request, f"not sent: signing key {request.signing_key_id!r} has no key that has not expired "
+                                      f"(net.rotate_signing_key makes one)")
+                return False
+        msg_id = request.idempotency_key or f"msg_{request.id}"
+        request.headers = {**request.headers, **signing.headers(msg_id, int(time.time()), request.body, secrets_now)}
+        return True
+
+    def _plan_retries(self, finished: list[Response], now: float) -> None:
+        """Mark the transient failures that have retries left: they go back to the queue."""
+        defaults = self.settings
+        for response in finished:
+            request = response.request
+            max_retries = defaults.max_retries if request.max_retries is None else request.max_retries
+            if request.retries >= max_retries:
+                continue
+            if not retry.is_transient(response.status_code, response.curl_code, response.timed_out):
+                continue
+            retry_after = None
+            if response.headers and response.status_code in (429, 503):
+                retry_after = next((value for name, value in response.headers.items() if name.lower() == "retry-after"), None)
+            response.retry_in_ms = retry.next_delay_ms(
+                request.retries, max_retries, request.retry_backoff_ms or defaults.retry_backoff_ms,
+                defaults.retry_backoff_cap_ms, retry_after, time.time())
+            if response.retry_in_ms is not None:
+                self.stats["retries"] += 1
+                metrics.retries_scheduled_total.inc()
 
     # ---- write-back ------------------------------------------------------------------------
 
@@ -364,14 +413,19 @@ class Worker:
         metrics.write_batch_size.observe(len(batch))
         if len(batch) > written:
             metrics.lease_lost_total.inc(len(batch) - written)
-        now_epoch_s = time.time()
+        now_epoch_s, now = time.time(), time.monotonic()
         for response in batch:
-            self.tally.written(max(0.0, now_epoch_s - response.request.created_epoch_s))
+            if response.retry_in_ms is None:
+                self.tally.written(max(0.0, now_epoch_s - response.request.created_epoch_s))
+            else:
+                # Claim again when it is due (its not_before was set by the database before
+                # now), not at the next safety poll.
+                heapq.heappush(self._retries_due_s, now + response.retry_in_ms / 1000)
 
     def _write(self, batch: list[Response]) -> int:
         """Write a batch; if the database refuses it, write row by row so one bad row loses nothing."""
         try:
-            return self.queue.write(batch)
+            return self.queue.write(batch, self.settings.notify_channel)
         except DatabaseUnavailable:
             raise
         except PgnetCurlError as exc:
@@ -414,6 +468,8 @@ class Worker:
                 self.want_claim = True
         elif notify.channel == db.CONTROL_CHANNEL and notify.payload == "restart":
             self._restart_requested = True
+        elif notify.channel == db.CONTROL_CHANNEL and notify.payload == "signing_keys":
+            self._reload_keys_requested = True
 
     _last_connect_error: PgnetCurlError | None = None
 
@@ -429,6 +485,7 @@ class Worker:
             if schema.installed_version(conn) is None:
                 raise SchemaError("the net schema is not installed; run: pgnet-curl install --dsn ...")
             self.settings = self.settings.with_database_values(*queue.read_settings())
+            self._signing_keys = queue.signing_keys()
         except PgnetCurlError as exc:
             conn.close()
             self._last_connect_error = exc
@@ -480,6 +537,10 @@ class Worker:
             self._restart_session()
             if self.conn is None:
                 return
+        if self._retries_due_s and now >= self._retries_due_s[0]:
+            while self._retries_due_s and now >= self._retries_due_s[0]:
+                heapq.heappop(self._retries_due_s)
+            self.want_claim = True
         try:
             if now >= self._next_poll_s:
                 self.want_claim = True
@@ -489,6 +550,10 @@ class Worker:
             if self._reload_requested or now >= self._next_settings_s:
                 self._reload_settings()
                 self._next_settings_s = now + self.settings.settings_refresh_s
+                self._reload_keys_requested = True
+            if self._reload_keys_requested:
+                self._reload_keys_requested = False
+                self._signing_keys = self.queue.signing_keys()
             if now >= self._next_ttl_sweep_s:
                 self._sweep_expired()
                 self._next_ttl_sweep_s = now + self.settings.ttl_sweep_interval_s
@@ -534,4 +599,7 @@ class Worker:
             deleted = self.queue.delete_expired(ttl_s, self.settings.ttl_sweep_rows)
             metrics.responses_expired_total.inc(deleted)
             if deleted < self.settings.ttl_sweep_rows:
+                break
+        for _ in range(_TTL_SWEEP_MAX_STATEMENTS):
+            if self.queue.delete_expired_archive(ttl_s, self.settings.ttl_sweep_rows) < self.settings.ttl_sweep_rows:
                 break

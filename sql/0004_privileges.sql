@@ -55,11 +55,15 @@ create or replace function net._apply_privileges()
 as $$
 declare
     private_mode bool := (select private from net._install_options);
-    request_functions text[] := array['http_get', 'http_post', 'http_delete', 'http_request', '_queue_request'];
+    request_functions text[] := array['http_get', 'http_post', 'http_delete', 'http_request', '_queue_request',
+        'retry_request'];
     -- pg_net's callable API (and ours): everything else in schema net is internal.
     public_api text[] := array['http_get', 'http_post', 'http_delete', 'http_request',
         '_http_collect_response', 'http_collect_response', '_await_response', 'wake',
-        'wait_until_running', 'check_worker_is_up', '_urlencode_string', '_encode_url_with_params_array'];
+        'wait_until_running', 'check_worker_is_up', '_urlencode_string', '_encode_url_with_params_array',
+        'retry_request', 'retry_requests'];
+    -- Options a request function sets on a row it just queued (sql/0007_delivery.sql).
+    option_columns text := 'max_retries, retry_backoff_ms, notify_channel, idempotency_key, signing_key_id, callback';
     fn record;
 begin
     -- Group roles are cluster-wide: create them once, if this role may.
@@ -117,9 +121,12 @@ begin
         revoke all on all tables in schema net from pgnet_worker;
         grant usage on schema net to pgnet_worker;
         grant select, delete on net.http_request_queue to pgnet_worker;
-        grant update (lease_owner, lease_expires_at, attempts) on net.http_request_queue to pgnet_worker;
+        grant update (lease_owner, lease_expires_at, attempts, not_before, retries) on net.http_request_queue to pgnet_worker;
         grant select, insert, delete on net._http_response to pgnet_worker;
-        grant select on net._schema_migrations, net._install_options to pgnet_worker;
+        grant update (callback_error) on net._http_response to pgnet_worker;
+        grant select, insert, delete on net._http_request_archive to pgnet_worker;
+        grant select on net._schema_migrations, net._install_options, net.signing_keys to pgnet_worker;
+        grant execute on function net._run_callbacks(jsonb), net._check_callback(regprocedure, name) to pgnet_worker;
     end if;
 
     if exists (select from pg_roles where rolname = 'pgnet_user') then
@@ -134,18 +141,26 @@ begin
         grant execute on all functions in schema net to pgnet_user;
         revoke execute on function net.worker_restart() from pgnet_user;
         revoke execute on function net._apply_privileges() from pgnet_user;
+        revoke execute on function net.rotate_signing_key(text, interval), net._run_callbacks(jsonb) from pgnet_user;
         grant select on net.http_request_queue to pgnet_user;
-        grant insert (method, url, headers, body, timeout_milliseconds) on net.http_request_queue to pgnet_user;
+        execute format('grant insert (method, url, headers, body, timeout_milliseconds, replay_of, %s) '
+                       'on net.http_request_queue to pgnet_user', option_columns);
+        execute format('grant update (%s) on net.http_request_queue to pgnet_user', option_columns);
         grant usage on sequence net.http_request_queue_id_seq to pgnet_user;
         grant select, delete on net._http_response to pgnet_user;
+        grant select, update (replayed_as) on net._http_request_archive to pgnet_user;
+        grant select on net.failed_requests to pgnet_user;
         alter table net.http_request_queue enable row level security;
         alter table net._http_response enable row level security;
+        alter table net._http_request_archive enable row level security;
     else
         grant usage on schema net to public;
         grant select on net.http_request_queue to public;
         grant select, delete on net._http_response to public;
+        grant select on net.failed_requests to public;
         alter table net.http_request_queue disable row level security;
         alter table net._http_response disable row level security;
+        alter table net._http_request_archive disable row level security;
     end if;
 
     -- Row-level security (in force in private mode only): each role its own rows; the worker all.
@@ -155,11 +170,16 @@ begin
     drop policy if exists own_responses on net._http_response;
     create policy own_responses on net._http_response
         using (requested_by = current_user) with check (requested_by = current_user);
+    drop policy if exists own_archive on net._http_request_archive;
+    create policy own_archive on net._http_request_archive
+        using (requested_by = current_user) with check (requested_by = current_user);
     if exists (select from pg_roles where rolname = 'pgnet_worker') then
         drop policy if exists worker_all on net.http_request_queue;
         create policy worker_all on net.http_request_queue to pgnet_worker using (true) with check (true);
         drop policy if exists worker_all on net._http_response;
         create policy worker_all on net._http_response to pgnet_worker using (true) with check (true);
+        drop policy if exists worker_all on net._http_request_archive;
+        create policy worker_all on net._http_request_archive to pgnet_worker using (true) with check (true);
     end if;
 end
 $$;

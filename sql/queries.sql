@@ -3,7 +3,8 @@
 
 -- name: claim
 -- Take up to %(limit)s unleased (or lease-expired) requests, oldest first, without waiting
--- for rows another worker is claiming. The lease covers the request's timeout plus a grace.
+-- for rows another worker is claiming; a retry waits for its not_before. The lease covers the
+-- request's timeout plus a grace.
 -- `id = any(array(...))` keeps the update on the primary key (a join may seq-scan the queue).
 update net.http_request_queue
 set lease_owner = %(owner)s,
@@ -13,36 +14,81 @@ set lease_owner = %(owner)s,
 where id = any(array(
     select id
     from net.http_request_queue
-    where lease_expires_at is null or lease_expires_at < clock_timestamp()
+    where (lease_expires_at is null or lease_expires_at < clock_timestamp())
+      and (not_before is null or not_before <= clock_timestamp())
     order by id
     limit %(limit)s
     for update skip locked
 ))
 returning id, method, url, headers::text, body, timeout_milliseconds,
-          attempts, extract(epoch from created_at)::float8;
+          attempts, extract(epoch from created_at)::float8,
+          retries, max_retries, retry_backoff_ms, notify_channel is not null or callback is not null,
+          idempotency_key, signing_key_id, callback::oid, requested_by;
 
 -- name: write_back
--- Store finished responses of the requests this worker still owns, and dequeue them, in one
--- statement. A row whose lease passed to another worker is skipped: that worker answers it.
+-- Store finished responses of the requests this worker still owns and dequeue them, or put
+-- a request that will be tried again back with its not-before time, in one statement. A row
+-- whose lease passed to another worker is skipped: that worker answers it. Failed requests are
+-- archived whole for replay; the completion NOTIFY is sent in the same transaction as the row.
 -- %(rows)s is one JSON array of [id, status_code, content_type, headers, content,
--- content_bytes (base64), timed_out, error_msg] arrays: one parameter, parsed once, instead
--- of eight arrays dumped element by element.
+-- content_bytes (base64), timed_out, error_msg, retry_in_ms, attempts, failed] arrays: one
+-- parameter, parsed once, instead of arrays dumped element by element.
+-- Returns (rows stored or rescheduled, ids stored whose request has a SQL callback).
 with r as (
     select (e ->> 0)::bigint as id, (e ->> 1)::int as status_code, e ->> 2 as content_type,
            e -> 3 as headers, e ->> 4 as content, decode(e ->> 5, 'base64') as content_bytes,
-           (e ->> 6)::bool as timed_out, e ->> 7 as error_msg
+           (e ->> 6)::bool as timed_out, e ->> 7 as error_msg, (e ->> 8)::float8 as retry_in_ms,
+           (e ->> 9)::int as attempts, (e ->> 10)::bool as failed
     from jsonb_array_elements(%(rows)s::jsonb) as e
+), rescheduled as (
+    update net.http_request_queue q
+    set lease_owner = null, lease_expires_at = null, attempts = 0, retries = q.retries + 1,
+        not_before = clock_timestamp() + make_interval(secs => r.retry_in_ms / 1000.0)
+    from r
+    where q.id = r.id and r.retry_in_ms is not null and q.lease_owner = %(owner)s
+    returning q.id
 ), done as (
     delete from net.http_request_queue
-    where id = any(array(select id from r)) and lease_owner = %(owner)s
-    returning id, requested_by
+    where id = any(array(select id from r where retry_in_ms is null)) and lease_owner = %(owner)s
+    returning *
+), archived as (
+    insert into net._http_request_archive
+        (id, method, url, headers, body, timeout_milliseconds, max_retries, retry_backoff_ms, notify_channel,
+         idempotency_key, signing_key_id, callback, replay_of, requested_by, created_at)
+    select d.id, d.method, d.url, d.headers, d.body, d.timeout_milliseconds, d.max_retries, d.retry_backoff_ms,
+           d.notify_channel, d.idempotency_key, d.signing_key_id, d.callback, d.replay_of, d.requested_by, d.created_at
+    from done d join r on r.id = d.id
+    where r.failed
+    on conflict (id) do nothing
+), stored as (
+    insert into net._http_response
+        (id, status_code, content_type, headers, content, content_bytes, timed_out, error_msg, requested_by, attempts)
+    select r.id, r.status_code, r.content_type, nullif(r.headers, 'null'), r.content, r.content_bytes, r.timed_out,
+           r.error_msg, done.requested_by, r.attempts
+    from r join done on done.id = r.id
+    on conflict (id) do nothing
+    returning id
+), notified as (
+    select pg_notify(channel, s.id::text)
+    from stored s
+    join done d on d.id = s.id
+    cross join lateral (select coalesce(d.notify_channel, %(notify_channel)s::text) as channel) c
+    where channel is not null
 )
-insert into net._http_response
-    (id, status_code, content_type, headers, content, content_bytes, timed_out, error_msg, requested_by)
-select r.id, status_code, content_type, nullif(headers, 'null'), content, content_bytes, timed_out, error_msg,
-       done.requested_by
-from r join done on done.id = r.id
-on conflict (id) do nothing;
+select (select count(*) from stored) + (select count(*) from rescheduled),
+       (select count(*) from notified),
+       (select array_agg(s.id) from stored s join done d on d.id = s.id where d.callback is not null);
+
+-- name: run_callbacks
+-- Run the SQL callbacks of responses just stored, in the write-back's transaction.
+select net._run_callbacks(%(calls)s::jsonb);
+
+-- name: signing_keys
+-- The signing keys that have not expired, for Standard Webhooks signatures.
+select key_id, secret, extract(epoch from expires_at)::float8
+from net.signing_keys
+where expires_at is null or expires_at > clock_timestamp()
+order by key_id, created_at;
 
 -- name: release
 -- Give back requests this worker claimed but will not finish (shutdown), for others to take.
@@ -71,6 +117,15 @@ delete from net._http_response
 where ctid = any(array(
     select ctid from net._http_response
     where created < now() - make_interval(secs => %(ttl_s)s)
+    limit %(limit)s
+));
+
+-- name: delete_expired_archive
+-- Delete up to %(limit)s archived failed requests older than the TTL, with their responses.
+delete from net._http_request_archive
+where id = any(array(
+    select id from net._http_request_archive
+    where archived_at < now() - make_interval(secs => %(ttl_s)s)
     limit %(limit)s
 ));
 

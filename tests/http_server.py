@@ -33,6 +33,9 @@ Endpoints (the path decides, query parameters modify)::
     /bad-status           "HTTP/1.1 abc Weird" then close
     /bad-header           a header line without a colon and a bare CR in a value
     /truncated            Content-Length: 1000 but only 10 bytes, then close
+    /flaky/<key>?fail=N&status=S&retry_after=V
+                          the first N requests to this path get S (503), with
+                          Retry-After: V if given; later ones get 200
     /hang                 never answers; held until the client or server goes
     /slowloris?ms=<n>     status line and headers one byte every n ms (200),
                           then a normal body; gives up (closes) after 30 s
@@ -605,6 +608,25 @@ class _Connection(asyncio.BufferedProtocol):
         self._raw_then_close(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
                              b"Content-Length: 1000\r\n\r\n0123456789")
 
+    def _flaky(self, request: _Request, argument: Optional[str]) -> None:
+        """Fail the first ?fail=N requests to this path with ?status= (503), then answer 200.
+
+        ?retry_after=V adds a Retry-After: V header to the failures.
+        """
+        failures = _parse_count(_query_value(request, "fail") or "1")
+        status = _parse_count(_query_value(request, "status") or "503")
+        if failures is None or status is None or not 400 <= status <= 599:
+            self._send(request, 400, b"bad fail or status")
+            return
+        with self.server._lock:
+            seen = self.server._hits[request.path]
+        if seen > failures:
+            self._send(request, 200, f"ok after {seen - 1} failures".encode())
+            return
+        retry_after = _query_value(request, "retry_after")
+        self._send(request, status, f"failure {seen} of {failures}".encode(),
+                   headers=[("Retry-After", retry_after)] if retry_after else [])
+
     def _hang(self, request: _Request, argument: Optional[str]):
         """Never answer; stay open until the client or the server closes."""
         return asyncio.get_running_loop().create_future()
@@ -652,6 +674,7 @@ _ROUTES: dict[str, Handler] = {
     "bad-status": _Connection._bad_status,
     "bad-header": _Connection._bad_header,
     "truncated": _Connection._truncated,
+    "flaky": _Connection._flaky,
     "hang": _Connection._hang,
     "slowloris": _Connection._slowloris,
 }
@@ -774,7 +797,7 @@ class HttpTestServer:
         """Count and log a request before it is answered."""
         entry = {"method": request.method, "path": request.path,
                  "query": request.query, "headers": request.headers,
-                 "body": request.body}
+                 "body": request.body, "at_s": time.monotonic()}
         with self._lock:
             self._hits[request.path] += 1
             self._log.append(entry)

@@ -91,8 +91,10 @@ SHARED_PUBLIC = {"http_request_queue": {"SELECT"}, "_http_response": {"SELECT", 
 WORKER = {
     "http_request_queue": {"SELECT", "DELETE"},
     "_http_response": {"SELECT", "INSERT", "DELETE"},
+    "_http_request_archive": {"SELECT", "INSERT", "DELETE"},
     "_schema_migrations": {"SELECT"},
     "_install_options": {"SELECT"},
+    "signing_keys": {"SELECT"},
 }
 
 
@@ -156,7 +158,9 @@ def test_a_role_cannot_plant_a_trigger_that_the_worker_fires(mode, db_dsn, db, m
 def test_worker_role_holds_exactly_what_the_worker_uses(db, db_dsn, worker_dsn, serve, http_server):
     worker = conninfo_to_dict(worker_dsn)["user"]
     assert table_privileges(db, "pgnet_worker") == WORKER
-    assert column_updates(db, "pgnet_worker", "net.http_request_queue") == {"lease_owner", "lease_expires_at", "attempts"}
+    assert column_updates(db, "pgnet_worker", "net.http_request_queue") == {
+        "lease_owner", "lease_expires_at", "attempts", "not_before", "retries"}
+    assert column_updates(db, "pgnet_worker", "net._http_response") == {"callback_error"}
     assert db.execute("select rolsuper, rolcreaterole, rolcreatedb, rolbypassrls from pg_roles where rolname = %s",
                       (worker,)).fetchone() == (False, False, False, False)
 

@@ -1,0 +1,273 @@
+-- pgnet-curl schema, version 7: webhook-grade delivery.
+--
+-- Per-request options (net.http_request's named arguments): retries with backoff, a NOTIFY
+-- channel and a SQL callback on completion, an idempotency key and Standard Webhooks signing.
+-- A waiting retry is a queue row with a not-before time: it holds no worker slot and no
+-- connection. Requests that end in failure are kept (net._http_request_archive) until their
+-- response expires, so they can be replayed (net.retry_request, net.retry_requests).
+
+alter table net.http_request_queue
+    add column if not exists not_before timestamptz,
+    add column if not exists max_retries int,
+    add column if not exists retry_backoff_ms int,
+    add column if not exists retries int not null default 0,
+    add column if not exists notify_channel text,
+    add column if not exists idempotency_key text,
+    add column if not exists signing_key_id text,
+    add column if not exists callback regprocedure,
+    add column if not exists replay_of bigint;
+comment on column net.http_request_queue.not_before is 'A retry waits until then (pgnet-curl).';
+comment on column net.http_request_queue.retries is 'Attempts already made that ended in a retryable failure.';
+
+alter table net._http_response
+    add column if not exists attempts int,
+    add column if not exists callback_error text;
+comment on column net._http_response.attempts is 'Attempts made, the last one being this response (pgnet-curl).';
+comment on column net._http_response.callback_error is 'The error the request''s SQL callback raised, if any.';
+
+-- Failed requests, whole, for replay. Same persistence as the queue (see schema.TABLES).
+create unlogged table if not exists net._http_request_archive(
+    id bigint primary key,
+    method text not null,
+    url text not null,
+    headers jsonb not null,
+    body bytea,
+    timeout_milliseconds int not null,
+    max_retries int,
+    retry_backoff_ms int,
+    notify_channel text,
+    idempotency_key text,
+    signing_key_id text,
+    callback regprocedure,
+    replay_of bigint,
+    requested_by name not null,
+    created_at timestamptz not null,
+    archived_at timestamptz not null default now(),
+    replayed_as bigint
+);
+create index if not exists _http_request_archive_archived_idx on net._http_request_archive (archived_at);
+
+-- Signing keys (Standard Webhooks): readable by the owner and the worker only. Every key of a
+-- key_id that has not expired signs, so a rotation overlaps old and new keys.
+create table if not exists net.signing_keys(
+    key_id text not null,
+    secret bytea not null check (length(secret) between 24 and 64),
+    created_at timestamptz not null default clock_timestamp(),
+    expires_at timestamptz,
+    primary key (key_id, created_at)
+);
+
+-- Return a new secret for key_id, as receivers are given it (whsec_<base64>); older keys of
+-- that id keep signing for `overlap`, then expire. gen_random_uuid() uses the server's strong
+-- random source: two give 244 random bits.
+create or replace function net.rotate_signing_key(key_id text, overlap interval default '1 day')
+    returns text
+    language plpgsql
+    volatile
+as $$
+declare
+    secret bytea := decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex');
+begin
+    if key_id is null or key_id = '' then
+        raise exception 'key_id must name the key' using errcode = 'invalid_parameter_value';
+    end if;
+    update net.signing_keys k
+    set expires_at = least(coalesce(k.expires_at, 'infinity'), clock_timestamp() + overlap)
+    where k.key_id = rotate_signing_key.key_id;
+    insert into net.signing_keys(key_id, secret) values (rotate_signing_key.key_id, secret);
+    perform pg_notify('pgnet_curl_control', 'signing_keys');
+    return 'whsec_' || encode(secret, 'base64');
+end
+$$;
+
+-- Whether key_id names a signing key, for callers who may not read the keys themselves.
+create or replace function net._has_signing_key(key_id text)
+    returns bool
+    language sql
+    stable
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+    select exists (select from net.signing_keys k where k.key_id = _has_signing_key.key_id)
+$$;
+
+-- A callback runs as the role that made the request: it must be SECURITY DEFINER and owned by
+-- that role, take the request id (bigint), and it is checked again when it runs.
+create or replace function net._check_callback(callback regprocedure, requested_by name)
+    returns void
+    language plpgsql
+    stable
+as $$
+declare
+    fn record;
+begin
+    if callback is null then
+        return;
+    end if;
+    select (select rolname from pg_roles where oid = p.proowner) as owner, p.prosecdef as definer, p.pronargs as nargs,
+           p.proargtypes[0] as argtype
+    into fn from pg_proc p where p.oid = callback;
+    if fn is null or fn.nargs <> 1 or fn.argtype <> 'bigint'::regtype then
+        raise exception 'callback % must be a function of one bigint (the request id)', callback
+            using errcode = 'invalid_parameter_value';
+    end if;
+    if fn.owner <> requested_by or not fn.definer then
+        raise exception 'callback % must be SECURITY DEFINER and owned by %, the role making the request', callback, requested_by
+            using errcode = 'insufficient_privilege',
+                  hint = 'the worker runs it as its owner, so that it runs with the rights of the role that asked for it';
+    end if;
+end
+$$;
+
+-- Run the callbacks of responses the worker just stored, in the same transaction. calls is a
+-- JSON array of [request_id, callback's oid, requested_by]. An error in one callback is kept in
+-- callback_error and does not undo the response or the other callbacks.
+create or replace function net._run_callbacks(calls jsonb)
+    returns int
+    language plpgsql
+    volatile
+as $$
+declare
+    call jsonb;
+    failed int := 0;
+begin
+    for call in select * from jsonb_array_elements(calls) loop
+        begin
+            perform net._check_callback((call ->> 1)::oid::regprocedure, (call ->> 2)::name);
+            execute format('select %s($1)', (call ->> 1)::oid::regproc) using (call ->> 0)::bigint;
+        exception when others then
+            failed := failed + 1;
+            update net._http_response set callback_error = sqlerrm where id = (call ->> 0)::bigint;
+        end;
+    end loop;
+    return failed;
+end
+$$;
+
+drop function if exists net.http_request(text, text, bytea, jsonb, jsonb, int);
+create or replace function net.http_request(
+    method text,
+    url text,
+    body bytea default null,
+    params jsonb default '{}'::jsonb,
+    headers jsonb default '{}'::jsonb,
+    timeout_milliseconds int default 5000,
+    max_retries int default null,
+    retry_backoff_milliseconds int default null,
+    notify_channel text default null,
+    idempotency_key text default null,
+    signing_key_id text default null,
+    callback text default null
+)
+    returns bigint
+    language plpgsql
+    volatile
+as $$
+declare
+    request_id bigint;
+    -- A name means the function of that name taking the request id (bigint).
+    callback_fn regprocedure := case
+        when callback is null then null
+        when strpos(callback, '(') > 0 then callback::regprocedure
+        else (callback || '(bigint)')::regprocedure end;
+begin
+    if method is null or method !~ '^[!#$%&''*+.^_`|~0-9A-Za-z-]+$' then
+        raise exception 'method must be an HTTP method token such as GET, PUT or PATCH, got %',
+            coalesce(quote_literal(method), 'NULL')
+            using errcode = 'invalid_parameter_value';
+    end if;
+    if max_retries < 0 or retry_backoff_milliseconds <= 0 then
+        raise exception 'max_retries must be 0 or more and retry_backoff_milliseconds positive'
+            using errcode = 'invalid_parameter_value';
+    end if;
+    if notify_channel = '' or length(notify_channel) > 63 then
+        raise exception 'notify_channel must be a channel name of 1 to 63 bytes' using errcode = 'invalid_parameter_value';
+    end if;
+    if signing_key_id is not null and not net._has_signing_key(signing_key_id) then
+        raise exception 'no signing key named %: create one with net.rotate_signing_key(%)', quote_literal(signing_key_id), quote_literal(signing_key_id)
+            using errcode = 'invalid_parameter_value';
+    end if;
+    perform net._check_callback(callback_fn, net._caller());
+    request_id := net._queue_request(method, url, params, headers, body, timeout_milliseconds);
+    if num_nonnulls(max_retries, retry_backoff_milliseconds, notify_channel, idempotency_key, signing_key_id, callback_fn) > 0 then
+        update net.http_request_queue q
+        set max_retries = http_request.max_retries,
+            retry_backoff_ms = retry_backoff_milliseconds,
+            notify_channel = http_request.notify_channel,
+            -- Signed requests always carry a webhook-id: the same on every retry and replay.
+            idempotency_key = coalesce(http_request.idempotency_key,
+                                       case when http_request.signing_key_id is not null then 'msg_' || request_id end),
+            signing_key_id = http_request.signing_key_id,
+            callback = callback_fn
+        where q.id = request_id;
+    end if;
+    return request_id;
+end
+$$;
+
+comment on function net.http_request(text, text, bytea, jsonb, jsonb, int, int, int, text, text, text, text) is
+    'Queue a request with any method and body, and delivery options (pgnet-curl); returns the request id.';
+
+-- Requests that ended in failure (an error, a timeout or a status of 400 or more, after any
+-- retries), kept until their response expires; replay them with net.retry_request(id).
+create or replace view net.failed_requests as
+select a.id, a.method, a.url, a.headers, a.body, a.requested_by, r.attempts, a.max_retries,
+       r.status_code, r.timed_out, r.error_msg, r.created as failed_at, a.replay_of, a.replayed_as
+from net._http_request_archive a
+join net._http_response r on r.id = a.id
+-- The view reads the tables as its owner: in private mode show each role its own only.
+where not (select private from net._install_options)
+   or a.requested_by = current_user
+   or pg_has_role(current_user, (select relowner from pg_class where oid = 'net._http_request_archive'::regclass), 'member');
+
+-- Queue a failed request again with its original method, URL, headers, body and options, and
+-- the same webhook-id; return the new request's id.
+create or replace function net.retry_request(request_id bigint)
+    returns bigint
+    language plpgsql
+    volatile
+as $$
+declare
+    new_id bigint;
+    done_as bigint;
+begin
+    select a.replayed_as into done_as
+    from net.failed_requests a where a.id = request_id;
+    if not found then
+        raise exception 'request % is not a failed request kept for replay (see net.failed_requests)', request_id
+            using errcode = 'no_data_found';
+    end if;
+    if done_as is not null then
+        raise exception 'request % was already replayed as request %', request_id, done_as
+            using errcode = 'unique_violation', hint = 'replay that one if it failed too';
+    end if;
+    insert into net.http_request_queue(method, url, headers, body, timeout_milliseconds, max_retries,
+                                       retry_backoff_ms, notify_channel, idempotency_key, signing_key_id,
+                                       callback, replay_of)
+    select a.method, a.url, a.headers, a.body, a.timeout_milliseconds, a.max_retries, a.retry_backoff_ms,
+           a.notify_channel, a.idempotency_key, a.signing_key_id, a.callback, coalesce(a.replay_of, a.id)
+    from net._http_request_archive a where a.id = request_id
+    returning id into new_id;
+    update net._http_request_archive set replayed_as = new_id where id = request_id;
+    perform pg_notify('pgnet_curl_wake', '');
+    return new_id;
+end
+$$;
+
+-- Replay every failed request (not yet replayed) to `host` (any host when NULL) that failed
+-- since `since` (any time when NULL); return the new request ids.
+create or replace function net.retry_requests(host text default null, since timestamptz default null)
+    returns setof bigint
+    language sql
+    volatile
+as $$
+    select net.retry_request(f.id)
+    from net.failed_requests f
+    where f.replayed_as is null
+      and (retry_requests.host is null
+           or lower(substring(f.url from '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#@]*@)?(\[[^\]]*\]|[^/?#:]*)')) = lower(retry_requests.host))
+      and (retry_requests.since is null or f.failed_at >= retry_requests.since)
+    order by f.id
+$$;
+
+insert into net._schema_migrations(version) values (7) on conflict do nothing;
