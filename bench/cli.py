@@ -41,6 +41,9 @@ def _common_options() -> argparse.ArgumentParser:
     group.add_argument("--stall-timeout-s", type=float, default=60.0,
                        help="abort when no response row appears for this long (default 60 s)")
     group.add_argument("--txn-rows", type=int, default=20_000, help="requests per enqueue statement (default 20,000)")
+    group.add_argument("--delivery", choices=sorted(context.ENQUEUE_SQL), default="plain",
+                       help="how requests are made: pg_net's net.http_get (plain), or net.http_request with "
+                            "max_retries, a notify_channel or a signing key (default plain)")
     group.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                        help="before each scenario wait up to this long for the machine to be < 15%% busy")
     group.add_argument("--profile", nargs="?", const="cpu", choices=["cpu", "wall", "native"],
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     options = context.Options(
         workers=args.workers, serve_flags=_serve_flags(args), target=args.target, poll_ms=args.poll_ms,
         stall_timeout_s=args.stall_timeout_s, txn_rows=args.txn_rows, enqueuers=getattr(args, "enqueuers", 2),
-        profile=args.profile, results_dir=args.results_dir,
+        profile=args.profile, results_dir=args.results_dir, delivery=args.delivery,
     )
     args.results_dir.mkdir(parents=True, exist_ok=True)
     machine = report.machine_info()

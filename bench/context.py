@@ -14,7 +14,15 @@ from .measure import CpuMeter, RssSampler
 from .profile import PySpy
 from .runner import BenchError, Database, PythonTarget, Serve
 
-ENQUEUE_SQL = "select net.http_get(%s) from generate_series(1, %s)"
+# How each request is made, by --delivery: pg_net's plain call, or net.http_request with one
+# delivery option on (the requests still succeed at once: the figure is the option's cost).
+ENQUEUE_SQL = {
+    "plain": "select net.http_get(%s) from generate_series(1, %s)",
+    "retries": "select net.http_request('GET', %s, max_retries => 3) from generate_series(1, %s)",
+    "notify": "select net.http_request('GET', %s, notify_channel => 'bench_done') from generate_series(1, %s)",
+    "signed": "select net.http_request('POST', %s, convert_to('{\"event\": 1}', 'UTF8'), "
+              "signing_key_id => 'bench') from generate_series(1, %s)",
+}
 CORES = os.cpu_count() or 1
 
 
@@ -29,6 +37,7 @@ class Options:
     stall_timeout_s: float = 60.0
     txn_rows: int = 20_000
     enqueuers: int = 2
+    delivery: str = "plain"
     profile: str | None = None
     results_dir: Path = Path("bench/results")
 
@@ -108,8 +117,12 @@ class Bench:
     def enqueue(self, conn: psycopg.Connection, url: str, count: int) -> list[int]:
         """Queue count GETs in the connection's open transaction, txn_rows per statement."""
         ids: list[int] = []
+        if self.options.delivery == "signed" and not conn.execute(
+                "select exists (select from net.signing_keys where key_id = 'bench')").fetchone()[0]:
+            conn.execute("select net.rotate_signing_key('bench')")
         while len(ids) < count:
-            rows = conn.execute(ENQUEUE_SQL, (url, min(self.options.txn_rows, count - len(ids)))).fetchall()
+            rows = conn.execute(ENQUEUE_SQL[self.options.delivery],
+                                (url, min(self.options.txn_rows, count - len(ids)))).fetchall()
             ids.extend(row_id for (row_id,) in rows)
         return ids
 
