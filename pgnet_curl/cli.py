@@ -84,6 +84,11 @@ def _serve_options(function):
         ("--max-attempts", int, "Claims without an answer before an error row (default 5)."),
         ("--max-response-bytes", int, "Larger bodies end in an error row (default 32 MiB)."),
         ("--max-host-connections", int, "Connections per destination host (default: no limit)."),
+        ("--ca-file", str, "PEM bundle of CAs to trust instead of libcurl's default bundle."),
+        ("--ca-path", str, "Directory of hashed PEM CA certificates to trust (c_rehash)."),
+        ("--client-cert", str, "PEM client certificate sent to servers that ask for one."),
+        ("--client-key", str, "PEM private key of --client-cert (unencrypted; default: in the cert file)."),
+        ("--proxy", str, "http:// proxy for every request (default: http_proxy/https_proxy/no_proxy env)."),
     ]
     for flag, kind, text in reversed(options):
         envvar = "PGNET_" + flag[2:].replace("-", "_").upper()
