@@ -139,12 +139,10 @@ def _refuse_password() -> str:
 def mask_userinfo(url: str) -> str:
     """Return url with any user:password@ replaced by ***@, so it can be logged."""
     scheme, separator, rest = url.partition("://")
-    if not separator:
+    if not separator or "@" not in rest:
         return url
-    authority, slash, tail = rest.partition("/")
-    if "@" not in authority:
-        return url
-    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{tail}"
+    # Up to the last @, even past a /: a password may hold an unescaped one.
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 # Proxy variables libcurl reads when no --proxy is given (it ignores upper-case HTTP_PROXY).

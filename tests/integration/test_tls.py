@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import trustme
 
 from helpers import wait_until
+from serve_process import connected_workers
 from tls_server import ProtocolServer, server_context
 
 
@@ -155,3 +158,23 @@ def test_tls_flags_come_from_env_vars_too(db, db_dsn, serve, pki, mtls_server):
     row = fetch(db, mtls_server.url_for("/env"))
     assert row["status_code"] == 200
     assert json.loads(row["content"])["client_cert"] == "pgnet-curl client"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ca-file", "{missing}"], "--ca-file {missing} is not a readable file"),
+    (["--ca-file", "{client_key}"], "holds no usable PEM certificate"),
+    (["--ca-path", "{ca}"], "--ca-path {ca} is not a readable directory"),
+    (["--client-cert", "{client_cert}"], "must be a PEM certificate and its matching, unencrypted private key"),
+    (["--client-key", "{client_key}"], "--client-key needs --client-cert"),
+    (["--proxy", "socks5://user:pw@127.0.0.1:1080"], "--proxy must look like http://host:port, got 'socks5://***@127.0.0.1:1080'"),
+])
+def test_bad_tls_or_proxy_flags_stop_serve_with_exit_2(db_dsn, pki, tmp_path, flags, message):
+    names = {**pki[1], "missing": str(tmp_path / "missing.pem")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pgnet_curl", "serve", "--dsn", db_dsn, *[flag.format(**names) for flag in flags]],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message.format(**names) in result.stderr
+    assert "Traceback" not in result.stderr and "pw@" not in result.stderr
+    assert connected_workers(db_dsn) == 0
