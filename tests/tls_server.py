@@ -9,6 +9,7 @@ TCP it speaks HTTP/1.1 only and records whether the client tried h2c.
         fetch(server.url_for("/x"))
         server.requests[-1]["protocol"]   # "h2" or "http/1.1"
         server.handshake_failures         # TLS handshakes the server refused or lost
+        server.connections                # TCP connections accepted
 
 Threads, one per connection, daemon, bounded by socket timeouts; binds 127.0.0.1 only.
 """
@@ -51,6 +52,7 @@ class ProtocolServer:
         self._requests: list[dict] = []
         self._sockets: set[socket.socket] = set()
         self.handshake_failures = 0
+        self.connections = 0
         self._stopped = False
 
     def start(self) -> "ProtocolServer":
@@ -85,6 +87,8 @@ class ProtocolServer:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            with self._lock:
+                self.connections += 1
             threading.Thread(target=self._serve_connection, args=(client,), daemon=True).start()
 
     def _serve_connection(self, client: socket.socket) -> None:

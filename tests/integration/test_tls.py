@@ -107,18 +107,23 @@ def test_http2_is_used_when_the_server_offers_it(db, db_dsn, serve, pki, h2_serv
     assert json.loads(row["content"])["protocol"] == "http/1.1"
 
 
-def test_many_requests_share_http2(db, db_dsn, serve, pki, h2_server):
+def test_a_burst_shares_one_http2_connection(db, db_dsn, serve, pki, h2_server, http11_tls_server):
     serve(db_dsn, "--ca-file", pki[1]["ca"])
-    ids = [db.execute("select net.http_get(%s)", (h2_server.url_for(f"/many/{n}"),)).fetchone()[0]
-           for n in range(30)]
-    rows = wait_until(
-        lambda: (lambda r: r if len(r) == len(ids) else None)(db.execute(
-            "select status_code, headers->>'x-served-protocol', content from net._http_response "
-            "where id = any(%s) order by id", (ids,)).fetchall()),
-        timeout_s=30, message="30 response rows",
-    )
-    assert [(status, protocol) for status, protocol, _ in rows] == [(200, "h2")] * 30
-    assert [json.loads(content)["path"] for _, _, content in rows] == [f"/many/{n}" for n in range(30)]
+    for server, protocol in ((h2_server, "h2"), (http11_tls_server, "http/1.1")):
+        connections_before = server.connections
+        ids = [db.execute("select net.http_get(%s)", (server.url_for(f"/many/{n}"),)).fetchone()[0]
+               for n in range(30)]
+        rows = wait_until(
+            lambda: (lambda r: r if len(r) == len(ids) else None)(db.execute(
+                "select status_code, content from net._http_response where id = any(%s) order by id",
+                (ids,)).fetchall()),
+            timeout_s=30, message=f"30 {protocol} response rows",
+        )
+        assert [status for status, _ in rows] == [200] * 30
+        assert [json.loads(content)["protocol"] for _, content in rows] == [protocol] * 30
+        assert [json.loads(content)["path"] for _, content in rows] == [f"/many/{n}" for n in range(30)]
+        if protocol == "h2":
+            assert server.connections - connections_before == 1, "one multiplexed connection"
 
 
 def test_plain_http_stays_http11_without_h2c(db, db_dsn, serve, pki, plain_server):
