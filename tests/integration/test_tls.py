@@ -83,6 +83,15 @@ def test_https_needs_the_ca_file_to_trust_the_server(db, db_dsn, serve, pki, h2_
     assert json.loads(row["content"])["path"] == "/trusted"
 
 
+def test_ca_path_directory_is_trusted(db, db_dsn, serve, pki, h2_server, tmp_path):
+    # Hashed names as OpenSSL looks them up (openssl ships with ca-certificates, which libcurl needs).
+    (tmp_path / "test-ca.pem").write_bytes(pki[0].cert_pem.bytes())
+    subprocess.run(["openssl", "rehash", str(tmp_path)], check=True, capture_output=True, timeout=30)
+    serve(db_dsn, "--ca-path", str(tmp_path))
+    row = fetch(db, h2_server.url_for("/ca-path"))
+    assert (row["status_code"], row["error_msg"]) == (200, None)
+
+
 def test_a_certificate_for_another_host_is_refused(db, db_dsn, serve, pki):
     serve(db_dsn, "--ca-file", pki[1]["ca"])
     with ProtocolServer(server_context(pki[0], identities=("other.localhost",))) as server:
