@@ -61,6 +61,11 @@ class ProtocolServer:
 
     def stop(self) -> None:
         self._stopped = True
+        # shutdown() wakes the thread blocked in accept(); close() alone would leave it accepting.
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
         with self._lock:
             for sock in self._sockets:

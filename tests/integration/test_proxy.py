@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import trustme
@@ -119,10 +120,12 @@ def test_upper_case_http_proxy_is_ignored_as_libcurl_does(db, db_dsn, serve, pla
     assert proxy.forwards == [] and proxy.connects == []
 
 
-def test_an_unreachable_proxy_is_an_error_row(db, db_dsn, serve, ca_file, tls_server, proxy):
-    port = proxy.port
-    proxy.stop()
-    serve(db_dsn, "--ca-file", ca_file[1], "--proxy", f"http://127.0.0.1:{port}", env=NO_PROXY_ENV)
-    row = fetch(db, tls_server.url_for("/proxy-down"))
+def test_an_unreachable_proxy_is_an_error_row(db, db_dsn, serve, ca_file, tls_server):
+    # Bound but not listening: connections to the port are refused, and no one else can take it.
+    with socket.socket() as closed_port:
+        closed_port.bind(("127.0.0.1", 0))
+        serve(db_dsn, "--ca-file", ca_file[1], "--proxy", f"http://127.0.0.1:{closed_port.getsockname()[1]}",
+              env=NO_PROXY_ENV)
+        row = fetch(db, tls_server.url_for("/proxy-down"))
     assert row["status_code"] is None
     assert row["error_msg"] == "Couldn't connect to server"

@@ -73,7 +73,7 @@ def test_https_needs_the_ca_file_to_trust_the_server(db, db_dsn, serve, pki, h2_
     assert row["status_code"] is None
     assert "SSL certificate" in row["error_msg"]
     assert "unable to get local issuer certificate" in row["error_msg"]
-    assert h2_server.handshake_failures >= 1
+    wait_until(lambda: h2_server.handshake_failures >= 1, message="the server to see the handshake fail")
     process.kill()
 
     serve(db_dsn, "--ca-file", pki[1]["ca"])
@@ -154,7 +154,7 @@ def test_client_certificate_is_sent_when_configured(db, db_dsn, serve, pki, mtls
     assert row["status_code"] is None
     # TLS 1.3 refuses after the client's handshake ends: libcurl sees an alert or a reset.
     assert row["error_msg"].startswith(("Failure when receiving data", "Failed sending data", "SSL"))
-    assert mtls_server.handshake_failures > refused_before
+    wait_until(lambda: mtls_server.handshake_failures > refused_before, message="the server to refuse the handshake")
     assert mtls_server.requests == []
     process.kill()
 
