@@ -109,9 +109,6 @@ class CurlDriver:
         setopt(pycurl.SSL_VERIFYHOST, 2)
         # h2 only where TLS ALPN offers it; plain http stays HTTP/1.1 (no h2c upgrade attempt).
         setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS)
-        # A burst to a new https host waits for the first handshake and shares its h2 connection
-        # instead of opening one each; plain http cannot multiplex and never waits.
-        setopt(pycurl.PIPEWAIT, 1)
         for option, value in self._transport_options:
             setopt(option, value)
 
