@@ -104,6 +104,11 @@ def _serve_options(function):
         ("--retry-backoff-ms", int, "Base of the exponential backoff between retries (default 1000)."),
         ("--retry-backoff-cap-ms", int, "Longest wait between attempts, Retry-After included (default 300000)."),
         ("--notify-channel", str, "NOTIFY this channel with the request id when a response is stored."),
+        ("--ca-file", str, "PEM bundle of CAs to trust instead of libcurl's default bundle."),
+        ("--ca-path", str, "Directory of hashed PEM CA certificates to trust (c_rehash)."),
+        ("--client-cert", str, "PEM client certificate sent to servers that ask for one."),
+        ("--client-key", str, "PEM private key of --client-cert (unencrypted; default: in the cert file)."),
+        ("--proxy", str, "http:// proxy for every request (default: http_proxy/https_proxy/no_proxy env)."),
     ]
     for flag, kind, text in reversed(options):
         envvar = "PGNET_" + flag[2:].replace("-", "_").upper()

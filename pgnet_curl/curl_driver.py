@@ -43,8 +43,18 @@ class CurlDriver:
     """A CurlMulti whose sockets and timer are watched by the caller's event loop."""
 
     def __init__(self, watch_fd: WatchFd, max_redirects: int = 10, max_host_connections: int = 0,
-                 max_total_connections: int = 0, max_response_bytes: int = 32 * 1024 * 1024):
+                 max_total_connections: int = 0, max_response_bytes: int = 32 * 1024 * 1024,
+                 ca_file: str | None = None, ca_path: str | None = None, client_cert: str | None = None,
+                 client_key: str | None = None, proxy: str | None = None):
         self._watch_fd = watch_fd
+        # Given paths and proxy as (option, value) pairs; libcurl's defaults stand for the rest,
+        # and with no PROXY set libcurl reads the http_proxy/https_proxy/no_proxy env vars.
+        self._transport_options = [
+            (option, value) for option, value in (
+                (pycurl.CAINFO, ca_file), (pycurl.CAPATH, ca_path), (pycurl.SSLCERT, client_cert),
+                (pycurl.SSLKEY, client_key), (pycurl.PROXY, proxy),
+            ) if value
+        ]
         self._multi = pycurl.CurlMulti()
         self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
         self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
@@ -94,6 +104,13 @@ class CurlDriver:
         setopt(pycurl.USERAGENT, USER_AGENT)
         # Checked against Content-Length up front and, since libcurl 8.4, while receiving.
         setopt(pycurl.MAXFILESIZE_LARGE, self._max_response_bytes)
+        # libcurl's defaults, set anyway so that no build or later change turns verification off.
+        setopt(pycurl.SSL_VERIFYPEER, 1)
+        setopt(pycurl.SSL_VERIFYHOST, 2)
+        # h2 only where TLS ALPN offers it; plain http stays HTTP/1.1 (no h2c upgrade attempt).
+        setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS)
+        for option, value in self._transport_options:
+            setopt(option, value)
 
     def _configure(self, handle: pycurl.Curl, transfer: _Transfer) -> None:
         """Set what this request changes; a plain GET needs no reset() of the handle afterwards."""

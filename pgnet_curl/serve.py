@@ -50,6 +50,7 @@ def serve(dsn: str | None, data_dir: str | None, install_schema: bool, tuning: d
             version = schema.install(dsn, worker_role=EMBEDDED_WORKER_ROLE if embedded else None)
             log.info("net schema version %d installed", version)
         settings = settings_module.build(dsn=worker_dsn, **values)
+        log.info("outgoing requests: %s", settings_module.describe_transport(settings))
         supervisor = Supervisor(settings, metrics_host, metrics_port)
         supervisor.check_database()
         if embedded:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -56,6 +58,13 @@ class Settings:
     retry_backoff_cap_ms: int = 300_000
     # NOTIFY this channel with the request id when a response is stored (requests may name one).
     notify_channel: str | None = None
+    # TLS: verification is always on; these replace libcurl's CA bundle or add a client certificate.
+    ca_file: str | None = None
+    ca_path: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    # Outgoing proxy (http://[user:password@]host:port); when None libcurl reads *_proxy env vars.
+    proxy: str | None = field(default=None, repr=False)
     # Which settings came from flags/env and so win over the database's pg_net.* values.
     pinned: frozenset = frozenset()
 
@@ -96,6 +105,75 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
     if settings.notify_channel is not None and not 0 < len(settings.notify_channel.encode()) < 64:
         raise ConfigError("notify-channel must be a channel name of 1 to 63 bytes")
+    _validate_transport(settings)
+
+
+def _validate_transport(settings: Settings) -> None:
+    """Check the TLS files and the proxy URL now, rather than failing every request later."""
+    if settings.ca_file:
+        _check_readable("--ca-file", settings.ca_file)
+        try:
+            ssl.create_default_context(cafile=settings.ca_file)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(f"--ca-file {settings.ca_file} holds no usable PEM certificate ({exc})") from None
+    if settings.ca_path:
+        if not os.path.isdir(settings.ca_path) or not os.access(settings.ca_path, os.R_OK | os.X_OK):
+            raise ConfigError(f"--ca-path {settings.ca_path} is not a readable directory")
+    if settings.client_key and not settings.client_cert:
+        raise ConfigError("--client-key needs --client-cert")
+    if settings.client_cert:
+        _check_readable("--client-cert", settings.client_cert)
+        if settings.client_key:
+            _check_readable("--client-key", settings.client_key)
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
+                settings.client_cert, settings.client_key, password=_refuse_password)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(
+                f"--client-cert {settings.client_cert} and --client-key {settings.client_key or '(in the cert file)'} "
+                f"must be a PEM certificate and its matching, unencrypted private key: {exc}"
+            ) from None
+    if settings.proxy is not None:
+        parts = urlsplit(settings.proxy)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ConfigError(f"--proxy must look like http://host:port, got {mask_userinfo(settings.proxy)!r}")
+
+
+def _check_readable(flag: str, path: str) -> None:
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ConfigError(f"{flag} {path} is not a readable file")
+
+
+def _refuse_password() -> str:
+    raise ValueError("the private key is encrypted")
+
+
+def mask_userinfo(url: str) -> str:
+    """Return url with any user:password@ replaced by ***@, so it can be logged."""
+    scheme, separator, rest = url.partition("://")
+    if not separator or "@" not in rest:
+        return url
+    # Up to the last @, even past a /: a password may hold an unescaped one.
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+# Proxy variables libcurl reads when no --proxy is given (it ignores upper-case HTTP_PROXY).
+PROXY_ENV_VARS = ("http_proxy", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY")
+
+
+def describe_transport(settings: Settings, environ=os.environ) -> str:
+    """Say in one log line how requests leave: CA, client certificate, proxy; no credentials."""
+    parts = [f"TLS verification on, CA: {settings.ca_file or settings.ca_path or 'libcurl default'}"]
+    if settings.ca_file and settings.ca_path:
+        parts[0] += f" and {settings.ca_path}"
+    if settings.client_cert:
+        parts.append(f"client certificate: {settings.client_cert}")
+    if settings.proxy:
+        parts.append(f"proxy: {mask_userinfo(settings.proxy)}")
+    else:
+        from_env = [f"{name}={mask_userinfo(environ[name])}" for name in PROXY_ENV_VARS if environ.get(name)]
+        parts.append(f"proxy from environment: {' '.join(from_env)}" if from_env else "no proxy")
+    return "; ".join(parts)
 
 
 def parse_positive_int(name: str, text: str | None, default: int) -> int:

@@ -70,7 +70,10 @@ class Worker:
         self._poll_uses_ms = not hasattr(select, "epoll")
         self.driver = CurlDriver(self._watch_curl_fd, max_redirects=settings.max_redirects,
                                  max_host_connections=settings.max_host_connections,
-                                 max_response_bytes=settings.max_response_bytes)
+                                 max_response_bytes=settings.max_response_bytes,
+                                 ca_file=settings.ca_file, ca_path=settings.ca_path,
+                                 client_cert=settings.client_cert, client_key=settings.client_key,
+                                 proxy=settings.proxy)
         self.conn: psycopg.Connection | None = None
         self._db_fd = -1
         self.queue: Queue | None = None

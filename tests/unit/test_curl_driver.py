@@ -20,10 +20,10 @@ EVENTS = {pycurl.POLL_IN: select.POLLIN, pycurl.POLL_OUT: select.POLLOUT,
 class Loop:
     """The smallest event loop that drives a CurlDriver, like the worker's."""
 
-    def __init__(self):
+    def __init__(self, **driver_options):
         self.poller = select.epoll()
         self.fds: set[int] = set()
-        self.driver = CurlDriver(self.watch)
+        self.driver = CurlDriver(self.watch, **driver_options)
 
     def watch(self, fd: int, what: int) -> None:
         if what == pycurl.POLL_REMOVE:
@@ -103,3 +103,22 @@ def test_binary_body_with_nul_bytes_is_sent_whole(server):
     import base64
 
     assert base64.b64decode(echo(response)["body_base64"]) == body
+
+
+def test_a_reset_handle_keeps_the_tls_files(tmp_path):
+    from tls_server import ProtocolServer, server_context
+    import trustme
+
+    ca = trustme.CA()
+    client = ca.issue_cert("client.localhost", common_name="driver client")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    client.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "client.pem"))
+    with ProtocolServer(server_context(ca, require_client_cert=True)) as tls:
+        loop = Loop(ca_file=str(tmp_path / "ca.pem"), client_cert=str(tmp_path / "client.pem"))
+        url = tls.url_for("/mtls")
+        # A POST with headers marks the handle dirty: reset() then the constant options again.
+        for method, body in (("POST", b"x"), ("GET", None), ("GET", None)):
+            response = loop.run(Request(1, method, url, {"X-A": "1"} if body else {}, body, 5000))
+            assert response.status_code == 200, response.error_msg
+            assert json.loads(response.content) == {"protocol": "h2", "path": "/mtls", "client_cert": "driver client"}
+        assert len(loop.driver._idle_handles) == 1
