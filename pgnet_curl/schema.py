@@ -10,6 +10,7 @@ import psycopg
 
 from . import db
 from .errors import DatabaseUnavailable, SchemaError
+from .redact import db_error_text
 
 # Serialises concurrent installs of the same database (any constant works; this spells "pgnet").
 INSTALL_LOCK_KEY = 0x70676E6574
@@ -90,9 +91,9 @@ def install(dsn: str, durable: bool | None = None) -> int:
             conn.execute(install_script(bool(durable)).encode())
             return _installed_version(conn)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            raise DatabaseUnavailable(f"lost the database while installing the net schema: {exc}") from exc
+            raise DatabaseUnavailable(f"lost the database while installing the net schema: {db_error_text(exc)}") from None
         except psycopg.Error as exc:
-            raise SchemaError(f"could not install the net schema: {exc}") from exc
+            raise SchemaError(f"could not install the net schema: {db_error_text(exc)}") from None
 
 
 def _is_logged(conn: psycopg.Connection) -> bool:
