@@ -75,7 +75,7 @@ def db_error_text(exc: psycopg.Error) -> str:
 def setopt_error_text(exc: Exception) -> str:
     """Say why libcurl would not take a request's URL, method or headers, quoting none of them."""
     if isinstance(exc, UnicodeEncodeError):
-        return f"a character that is not ASCII (position {exc.start}) in the URL, method or a header"
+        return "a character that is not ASCII in the URL, method or a header"
     if isinstance(exc, ValueError) and "null" in str(exc):
         return "a NUL byte in the URL, method or a header"
     code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
