@@ -118,3 +118,13 @@ def test_debug_level_is_ours_only():
     assert "DEBUG" not in out and "WARNING psycopg" in out
     out = _log_through("text", "debug", "pgnet_curl.worker", "request %s", "x")
     assert "DEBUG pgnet_curl.worker" in out
+
+
+def test_request_and_response_reprs_leave_out_url_headers_and_bodies():
+    from pgnet_curl.model import Request, Response
+
+    request = Request(1, "POST", f"http://u:{SECRET}@127.0.0.1/?t={SECRET}", {"Authorization": SECRET},
+                      SECRET.encode(), 1000)
+    response = Response(1, 200, "text/plain", {"Set-Cookie": SECRET}, SECRET, SECRET.encode(), request=request)
+    assert SECRET not in repr(request) and SECRET not in repr(response)
+    assert "id=1" in repr(response) and "method='POST'" in repr(response)
