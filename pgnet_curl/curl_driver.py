@@ -74,7 +74,8 @@ class CurlDriver:
             self._configure(handle, transfer)
         except (pycurl.error, TypeError, ValueError, UnicodeEncodeError) as exc:
             self._recycle(handle, dirty=True)
-            self._finished.append(Response(request.id, error_msg=f"Invalid request: {setopt_error_text(exc)}", request=request))
+            self._finished.append(Response(request.id, error_msg=f"Invalid request: {setopt_error_text(exc)}",
+                                           request=request))
             return
         self._transfers[handle] = transfer
         self._multi.add_handle(handle)

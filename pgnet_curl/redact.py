@@ -66,7 +66,7 @@ def db_error_text(exc: psycopg.Error) -> str:
     if primary:
         return f"{primary} (SQLSTATE {exc.sqlstate})"
     text = str(exc).strip()
-    if isinstance(exc, psycopg.ProgrammingError) and not isinstance(exc, psycopg.OperationalError):
+    if isinstance(exc, psycopg.ProgrammingError):
         # libpq's conninfo errors quote the piece they could not parse.
         text = _QUOTED.sub(f'"{MASK}"', text)
     return scrub(text)

@@ -91,7 +91,8 @@ def install(dsn: str, durable: bool | None = None) -> int:
             conn.execute(install_script(bool(durable)).encode())
             return _installed_version(conn)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            raise DatabaseUnavailable(f"lost the database while installing the net schema: {db_error_text(exc)}") from None
+            raise DatabaseUnavailable(
+                f"lost the database while installing the net schema: {db_error_text(exc)}") from None
         except psycopg.Error as exc:
             raise SchemaError(f"could not install the net schema: {db_error_text(exc)}") from None
 

@@ -9,6 +9,7 @@ import click
 import platformdirs
 
 from . import metrics_dir, schema, settings as settings_module
+from .redact import safe_dsn
 
 log = logging.getLogger("pgnet_curl.serve")
 
@@ -46,6 +47,7 @@ def serve(dsn: str | None, data_dir: str | None, install_schema: bool, tuning: d
         settings = settings_module.build(dsn=dsn, **values)
         supervisor = Supervisor(settings, metrics_host, metrics_port)
         supervisor.check_database()
+        log.info("serving database %s", safe_dsn(dsn))
         if embedded:
             click.echo(f"\nConnect with:  psql {dsn}\n"
                        f"Try:           select net.http_get('http://127.0.0.1:PORT/');\n", err=True)

@@ -122,6 +122,7 @@ def test_no_secret_in_logs_metrics_or_error_rows(db, db_dsn, serve, http_server,
     # Debug lines name each request by its safe URL: the logging under test is really on.
     assert f"{http_server.url_for('/status/500')} -> 500" in log
     assert "draining" in log and "stopped" in log
+    assert "serving database" in log and "password=***" in log
     if log_format == "json":
         entries = [json.loads(line) for line in log.splitlines() if line.strip()]
         assert {"debug", "info"} <= {entry["level"] for entry in entries}
