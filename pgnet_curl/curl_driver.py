@@ -14,6 +14,7 @@ import pycurl
 
 from . import PG_NET_COMPAT_VERSION, __version__
 from .model import Request, Response
+from .redact import setopt_error_text
 from .response import curl_error_text, decode_body, parse_final_headers, timeout_message
 
 USER_AGENT = f"pg_net/{PG_NET_COMPAT_VERSION} (pgnet-curl/{__version__})"
@@ -83,7 +84,8 @@ class CurlDriver:
             self._configure(handle, transfer)
         except (pycurl.error, TypeError, ValueError, UnicodeEncodeError) as exc:
             self._recycle(handle, dirty=True)
-            self._finished.append(Response(request.id, error_msg=f"Invalid request: {exc}", request=request))
+            self._finished.append(Response(request.id, error_msg=f"Invalid request: {setopt_error_text(exc)}",
+                                           request=request))
             return
         self._transfers[handle] = transfer
         self._multi.add_handle(handle)

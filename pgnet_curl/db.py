@@ -9,7 +9,8 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from .errors import DatabaseUnavailable, PgnetCurlError, SchemaError
+from .errors import ConfigError, DatabaseUnavailable, PgnetCurlError, SchemaError
+from .redact import db_error_text
 
 WAKE_CHANNEL = "pgnet_curl_wake"
 CONTROL_CHANNEL = "pgnet_curl_control"
@@ -30,22 +31,30 @@ def with_user(dsn: str, user: str) -> str:
 
 @contextlib.contextmanager
 def database_errors(action: str) -> Iterator[None]:
-    """Turn psycopg errors raised while doing `action` into ours."""
+    """Turn psycopg errors raised while doing `action` into ours.
+
+    Ours carry only the primary message and SQLSTATE, and are raised `from None`: psycopg's
+    full text (DETAIL: Failing row contains ...) would print with a traceback.
+    """
     try:
         yield
     except (pg_errors.UndefinedTable, pg_errors.UndefinedFunction, pg_errors.InvalidSchemaName) as exc:
         raise SchemaError(
             f"{action}: the net schema is missing or outdated ({exc.diag.message_primary}); "
             f"run: pgnet-curl install --dsn ..."
-        ) from exc
+        ) from None
     except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-        raise DatabaseUnavailable(f"{action}: {str(exc).strip()}") from exc
+        raise DatabaseUnavailable(f"{action}: {db_error_text(exc)}") from None
     except psycopg.Error as exc:
-        raise PgnetCurlError(f"{action}: {str(exc).strip()}") from exc
+        raise PgnetCurlError(f"{action}: {db_error_text(exc)}") from None
 
 
 def connect(dsn: str, application_name: str, listen: bool = False) -> psycopg.Connection:
     """Open an autocommit connection named in pg_stat_activity; LISTEN for wakes if asked."""
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError(f"the DSN is not a valid connection string: {db_error_text(exc)}") from None
     with database_errors("connecting to the database"):
         conn = psycopg.connect(
             dsn, autocommit=True, application_name=application_name, connect_timeout=CONNECT_TIMEOUT_S,

@@ -8,6 +8,8 @@ import re
 
 import pycurl
 
+from .redact import scrub
+
 # Texts pg_net's users match on; newer libcurl words some of them differently.
 _CLASSIC_STRERROR = {
     pycurl.E_COULDNT_RESOLVE_PROXY: "Couldn't resolve proxy name",
@@ -39,7 +41,8 @@ def curl_error_text(code: int, detail: str = "") -> str:
     if code in _CLASSIC_STRERROR:
         return _CLASSIC_STRERROR[code]
     text = _strerror(code).decode("utf-8", "replace") if _strerror is not None else f"libcurl error {code}"
-    detail = detail.strip()
+    # libcurl's detail may name a URL; its userinfo and query are the caller's secrets.
+    detail = scrub(detail.strip())
     if detail and detail.lower() != text.lower():
         return f"{text}: {detail}"
     return text

@@ -14,6 +14,7 @@ import psycopg
 
 from . import db
 from .errors import DatabaseUnavailable, SchemaError
+from .redact import db_error_text
 
 # Serialises concurrent installs of the same database (any constant works; this spells "pgnet").
 INSTALL_LOCK_KEY = 0x70676E6574
@@ -108,9 +109,10 @@ def install(dsn: str, durable: bool | None = None, private: bool | None = None,
                 ensure_worker_role(conn, worker_role, worker_password)
             return _installed_version(conn)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            raise DatabaseUnavailable(f"lost the database while installing the net schema: {exc}") from exc
+            raise DatabaseUnavailable(
+                f"lost the database while installing the net schema: {db_error_text(exc)}") from None
         except psycopg.Error as exc:
-            raise SchemaError(f"could not install the net schema: {exc}") from exc
+            raise SchemaError(f"could not install the net schema: {db_error_text(exc)}") from None
 
 
 def ensure_worker_role(conn: psycopg.Connection, name: str, password: str | None = None) -> None:

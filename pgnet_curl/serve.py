@@ -9,6 +9,7 @@ import click
 import platformdirs
 
 from . import db, metrics_dir, schema, settings as settings_module
+from .redact import safe_dsn
 
 log = logging.getLogger("pgnet_curl.serve")
 
@@ -53,6 +54,7 @@ def serve(dsn: str | None, data_dir: str | None, install_schema: bool, tuning: d
         log.info("outgoing requests: %s", settings_module.describe_transport(settings))
         supervisor = Supervisor(settings, metrics_host, metrics_port)
         supervisor.check_database()
+        log.info("serving database %s", safe_dsn(worker_dsn))
         if embedded:
             click.echo(f"\nConnect with:  psql {dsn}\n"
                        f"Try:           select net.http_get('http://127.0.0.1:PORT/');\n", err=True)

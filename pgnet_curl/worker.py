@@ -24,6 +24,7 @@ from .curl_driver import CurlDriver
 from .errors import DatabaseUnavailable, PgnetCurlError, SchemaError
 from .model import Request, Response
 from .queue import Queue
+from .redact import db_error_text, safe_url
 from .settings import Settings
 
 log = logging.getLogger("pgnet_curl.worker")
@@ -201,6 +202,8 @@ class Worker:
             self._plan_retries(finished, now)
             self.pending.extend(finished)
             self._count_finished(finished)
+            if log.isEnabledFor(logging.DEBUG):
+                self._log_finished(finished)
         if self.conn is None:
             if now >= self._reconnect_at_s:
                 self._connect()
@@ -217,6 +220,12 @@ class Worker:
         for response in finished:
             self.tally.finished(response.request.method, response.status_code, response.timed_out,
                                 response.duration_s)
+
+    def _log_finished(self, finished: list[Response]) -> None:
+        for response in finished:
+            request = response.request
+            log.debug("worker %d: request %d %s %s -> %s", self.index, request.id, request.method,
+                      safe_url(request.url), response.status_code or response.error_msg)
 
     def _publish_metrics(self, now: float) -> None:
         self.tally.flush()
@@ -450,7 +459,7 @@ class Worker:
         try:
             self.conn.pgconn.consume_input()
         except psycopg.OperationalError as exc:
-            self._on_db_error(DatabaseUnavailable(f"connection lost: {str(exc).strip()}"))
+            self._on_db_error(DatabaseUnavailable(f"connection lost: {db_error_text(exc)}"))
             return
         pgconn = self.conn.pgconn
         while notify := pgconn.notifies():

@@ -205,7 +205,7 @@ def test_signed_webhooks_verify_and_keep_their_id_across_retries_and_rotation(db
         "retry_backoff_milliseconds => 20, signing_key_id => 'orders')", (url,)).fetchone()[0]
     row = response(db, request_id)
     attempts = arrivals(http_server, path)
-    assert (row["status_code"], len(attempts)) == (200, 2), (row, attempts)
+    assert (row["status_code"], len(attempts)) == (200, 2), (row["error_msg"], attempts)
     ids = {dict((n.lower(), v) for n, v in entry["headers"])["webhook-id"] for entry in attempts}
     assert ids == {f"msg_{request_id}"}
     assert all(verify(entry, first_secret) for entry in attempts)
