@@ -103,6 +103,7 @@ class Worker:
         self.stats = {"claimed": 0, "written": 0, "lease_lost": 0, "reclaimed": 0, "reconnects": 0, "retries": 0}
         # (key_id, secret, expiry epoch or None) of the signing keys, read at connect and on change.
         self._signing_keys: list[tuple[str, bytes, float | None]] = []
+        self._next_keys_reread_s = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -363,9 +364,18 @@ class Worker:
             return True
         secrets_now = []
         if request.signing_key_id is not None:
-            now_epoch_s = time.time()
-            secrets_now = [secret for key_id, secret, expires in self._signing_keys
-                           if key_id == request.signing_key_id and (expires is None or expires > now_epoch_s)]
+            secrets_now = self._active_secrets(request.signing_key_id)
+            if not secrets_now and self.queue is not None and time.monotonic() >= self._next_keys_reread_s:
+                # A key made just before the request may not have reached us yet (its NOTIFY can
+                # arrive after the claim): read the keys again, at most once a second.
+                self._next_keys_reread_s = time.monotonic() + 1.0
+                try:
+                    self._signing_keys = self.queue.signing_keys()
+                except PgnetCurlError as exc:
+                    # Not sent now; its lease expires and it is claimed again.
+                    self._on_db_error(exc)
+                    return False
+                secrets_now = self._active_secrets(request.signing_key_id)
             if not secrets_now:
                 self._answer(request, f"not sent: signing key {request.signing_key_id!r} has no key that has not expired "
                                       f"(net.rotate_signing_key makes one)")
@@ -373,6 +383,11 @@ class Worker:
         msg_id = request.idempotency_key or f"msg_{request.id}"
         request.headers = {**request.headers, **signing.headers(msg_id, int(time.time()), request.body, secrets_now)}
         return True
+
+    def _active_secrets(self, key_id: str) -> list[bytes]:
+        now_epoch_s = time.time()
+        return [secret for kid, secret, expires in self._signing_keys
+                if kid == key_id and (expires is None or expires > now_epoch_s)]
 
     def _plan_retries(self, finished: list[Response], now: float) -> None:
         """Mark the transient failures that have retries left: they go back to the queue."""
