@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 
+from .destination_policy import parse_cidrs
 from .errors import ConfigError
 
 # pg_net's defaults for the settings it reads from the database.
@@ -49,6 +50,11 @@ class Settings:
     max_redirects: int = 10
     # Connections per destination host at most (0: no limit).
     max_host_connections: int = 0
+    # Destination policy (destination_policy.py): CIDRs denied and allowed on top of the
+    # default deny list, and whether loopback and private networks are denied too.
+    deny_cidrs: tuple[str, ...] = ()
+    allow_cidrs: tuple[str, ...] = ()
+    deny_private: bool = False
     # Which settings came from flags/env and so win over the database's pg_net.* values.
     pinned: frozenset = frozenset()
 
@@ -71,6 +77,9 @@ def build(**overrides) -> Settings:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
     if "ttl" in given and not isinstance(given["ttl"], timedelta):
         given["ttl"] = parse_interval("--ttl", given["ttl"], DEFAULT_TTL)
+    for name, flag in (("deny_cidrs", "--deny-cidr"), ("allow_cidrs", "--allow-cidr")):
+        if name in given:
+            given[name] = parse_cidrs(flag, given[name])
     settings = Settings(**given, pinned=frozenset(given) - {"dsn"})
     _validate(settings)
     return settings

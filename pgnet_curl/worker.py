@@ -20,6 +20,7 @@ import pycurl
 
 from . import db, metrics, schema
 from .curl_driver import CurlDriver
+from .destination_policy import DestinationPolicy
 from .errors import DatabaseUnavailable, PgnetCurlError, SchemaError
 from .model import Request, Response
 from .queue import Queue
@@ -69,7 +70,9 @@ class Worker:
         self._poll_uses_ms = not hasattr(select, "epoll")
         self.driver = CurlDriver(self._watch_curl_fd, max_redirects=settings.max_redirects,
                                  max_host_connections=settings.max_host_connections,
-                                 max_response_bytes=settings.max_response_bytes)
+                                 max_response_bytes=settings.max_response_bytes,
+                                 destination_policy=DestinationPolicy(
+                                     settings.deny_cidrs, settings.allow_cidrs, settings.deny_private))
         self.conn: psycopg.Connection | None = None
         self._db_fd = -1
         self.queue: Queue | None = None

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import select
 import time
 
 import pycurl
 import pytest
 
+from helpers import wait_until
 from http_server import HttpTestServer
 from pgnet_curl.curl_driver import CurlDriver
+from pgnet_curl.destination_policy import DestinationPolicy
 from pgnet_curl.model import Request
 
 EVENTS = {pycurl.POLL_IN: select.POLLIN, pycurl.POLL_OUT: select.POLLOUT,
@@ -20,10 +23,10 @@ EVENTS = {pycurl.POLL_IN: select.POLLIN, pycurl.POLL_OUT: select.POLLOUT,
 class Loop:
     """The smallest event loop that drives a CurlDriver, like the worker's."""
 
-    def __init__(self):
+    def __init__(self, destination_policy: DestinationPolicy | None = None):
         self.poller = select.epoll()
         self.fds: set[int] = set()
-        self.driver = CurlDriver(self.watch)
+        self.driver = CurlDriver(self.watch, destination_policy=destination_policy)
 
     def watch(self, fd: int, what: int) -> None:
         if what == pycurl.POLL_REMOVE:
@@ -103,3 +106,27 @@ def test_binary_body_with_nul_bytes_is_sent_whole(server):
     import base64
 
     assert base64.b64decode(echo(response)["body_base64"]) == body
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_policy_sockets_leak_no_fds_whether_allowed_or_denied(server):
+    loop = Loop(DestinationPolicy(deny_cidrs=["127.0.0.2/32", "::1/128"]))
+    close = {"Connection": "close"}  # a new connection, so a new open-socket call, every time
+    allowed = Request(1, "GET", server.url_for("/status/204"), close, None, 5000)
+    denied = Request(2, "GET", f"http://127.0.0.2:{server.port}/", close, None, 5000)
+    half_denied = Request(3, "GET", f"http://localhost:{server.port}/status/204", close, None, 5000)
+    loop.run(allowed)
+    loop.run(denied)
+    before = open_fds()
+    hits_before = server.hits("/status/204")
+    for _ in range(50):
+        assert loop.run(allowed).status_code == 204
+        assert loop.run(denied).error_msg == (
+            "Destination denied by policy: 127.0.0.2 is in 127.0.0.2/32 (denied by --deny-cidr)")
+        assert loop.run(half_denied).status_code == 204, "::1 denied, 127.0.0.1 tried next"
+    assert server.hits("/status/204") - hits_before == 100
+    # The server runs in this process too: wait for it to close its side of the connections.
+    wait_until(lambda: open_fds() <= before, timeout_s=5, message=f"fds back to {before} (now {open_fds()})")
