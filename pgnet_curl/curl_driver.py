@@ -6,6 +6,7 @@ and timeouts from its own event loop, and takes finished Responses.
 
 from __future__ import annotations
 
+import _socket
 import io
 import os
 import socket
@@ -77,7 +78,8 @@ def _open_socket(policy: DestinationPolicy, transfer: _Transfer, purpose: int, a
         return pycurl.SOCKET_BAD
     if transfer.denials:
         transfer.opened_after_denial = True
-    return _OwnedFd(socket.socket(address.family, address.socktype, address.protocol).detach())
+    # _socket.socket: the C type, without socket.socket's Python-level __init__ and __del__.
+    return _OwnedFd(_socket.socket(address.family, address.socktype, address.protocol).detach())
 
 
 class CurlDriver:

@@ -31,6 +31,8 @@ PRIVATE_DENY = (
     "fec0::/10",        # deprecated site-local, still routed on some internal networks
 )
 _MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+# Decisions remembered per address text; a worker talks to few addresses, so this rarely fills.
+_CACHE_ENTRIES = 4096
 _SEPARATORS = re.compile(r"[\s,]+")
 
 
@@ -78,6 +80,7 @@ class DestinationPolicy:
                            for rule in ordered if rule.network.version == version)
             for version in (4, 6)
         }
+        self._denials: dict[str, str | None] = {}
 
     def decide(self, address: str) -> Rule | None:
         """Return the entry that decides for an IP address, or None when no entry holds it."""
@@ -92,10 +95,16 @@ class DestinationPolicy:
 
     def denial(self, address: str) -> str | None:
         """Return why connecting to address is denied, or None when it is allowed."""
+        try:
+            return self._denials[address]
+        except KeyError:
+            pass
         rule = self.decide(address)
-        if rule is None or rule.allow:
-            return None
-        return f"{address} is in {rule.network} ({_ORIGIN_TEXT[rule.origin]})"
+        reason = None if rule is None or rule.allow else f"{address} is in {rule.network} ({_ORIGIN_TEXT[rule.origin]})"
+        if len(self._denials) >= _CACHE_ENTRIES:
+            self._denials.clear()
+        self._denials[address] = reason
+        return reason
 
 
 _ORIGIN_TEXT = {

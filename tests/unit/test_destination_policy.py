@@ -93,3 +93,11 @@ def test_denial_message_lists_every_refused_address():
     assert denial_message(["::1 is in ::1/128 (denied by --deny-cidr)", "127.0.0.1 is in 127.0.0.0/8 (denied by --deny-cidr)"]) == (
         "Destination denied by policy: ::1 is in ::1/128 (denied by --deny-cidr); "
         "127.0.0.1 is in 127.0.0.0/8 (denied by --deny-cidr)")
+
+
+def test_remembered_decisions_stay_right_past_the_cache_size():
+    policy = DestinationPolicy(deny_cidrs=["10.0.0.0/8"])
+    for round_ in range(2):
+        for n in range(5000):
+            address = f"10.0.{n // 256}.{n % 256}" if n % 2 else f"11.0.{n // 256}.{n % 256}"
+            assert (policy.denial(address) is None) == (n % 2 == 0), (round_, address)
