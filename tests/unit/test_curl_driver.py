@@ -130,3 +130,11 @@ def test_policy_sockets_leak_no_fds_whether_allowed_or_denied(server):
     assert server.hits("/status/204") - hits_before == 100
     # The server runs in this process too: wait for it to close its side of the connections.
     wait_until(lambda: open_fds() <= before, timeout_s=5, message=f"fds back to {before} (now {open_fds()})")
+
+
+def test_a_denied_address_then_a_refused_one_names_both_outcomes(server):
+    loop = Loop(DestinationPolicy(deny_cidrs=["::1/128"]))
+    response = loop.run(Request(1, "GET", "http://localhost:1/", {}, None, 5000))
+    assert (response.status_code, response.timed_out, response.error_msg) == (None, False, (
+        "Destination denied by policy: ::1 is in ::1/128 (denied by --deny-cidr); "
+        "the other addresses: Couldn't connect to server"))
