@@ -110,6 +110,15 @@ def _serve_options(function):
         ("--client-key", str, "PEM private key of --client-cert (unencrypted; default: in the cert file)."),
         ("--proxy", str, "http:// proxy for every request (default: http_proxy/https_proxy/no_proxy env)."),
     ]
+    policy_options = [
+        ("--deny-cidr", dict(multiple=True), "Deny connections to this CIDR range (repeatable)."),
+        ("--allow-cidr", dict(multiple=True), "Allow this CIDR range inside a denied one (repeatable)."),
+        ("--deny-private", dict(is_flag=True, default=None),
+         "Also deny loopback, RFC 1918, CGNAT and unique-local ranges."),
+    ]
+    for flag, extra, text in reversed(policy_options):
+        envvar = "PGNET_" + flag[2:].replace("-", "_").upper()
+        function = click.option(flag, envvar=envvar, show_envvar=True, help=text, **extra)(function)
     for flag, kind, text in reversed(options):
         envvar = "PGNET_" + flag[2:].replace("-", "_").upper()
         function = click.option(flag, type=kind, envvar=envvar, show_envvar=True, help=text)(function)

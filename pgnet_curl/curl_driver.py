@@ -6,13 +6,18 @@ and timeouts from its own event loop, and takes finished Responses.
 
 from __future__ import annotations
 
+import _socket
 import io
+import os
+import socket
 import time
+from functools import partial
 from typing import Callable
 
 import pycurl
 
 from . import PG_NET_COMPAT_VERSION, __version__
+from .destination_policy import DestinationPolicy, denial_message
 from .model import Request, Response
 from .redact import setopt_error_text
 from .response import curl_error_text, decode_body, parse_final_headers, timeout_message
@@ -29,7 +34,7 @@ WatchFd = Callable[[int, int], None]
 class _Transfer:
     """One request in flight and the buffers libcurl writes its answer into."""
 
-    __slots__ = ("request", "headers", "body", "started_s", "dirty")
+    __slots__ = ("request", "headers", "body", "started_s", "dirty", "denials", "opened_after_denial")
 
     def __init__(self, request: Request):
         self.request = request
@@ -38,6 +43,44 @@ class _Transfer:
         self.headers = io.BytesIO()
         self.body = io.BytesIO()
         self.started_s = time.monotonic()
+        # Why the destination policy refused addresses for this transfer, in order.
+        self.denials: list[str] = []
+        # An allowed socket was opened after a denial (another address of the same host, say).
+        self.opened_after_denial = False
+
+
+class _OwnedFd:
+    """A socket fd handed to pycurl's open-socket callback, closed once pycurl has dup()ed it."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __del__(self):
+        os.close(self.fd)
+
+
+# libcurl calls this for each address it tries (every A/AAAA answer, each redirect target, the
+# proxy when one is set) right before connect(), and not at all when it reuses a kept-alive
+# connection. SOCKET_BAD makes libcurl try the next address, or end the transfer with
+# E_COULDNT_CONNECT. pycurl dup()s the fd of the object returned; libcurl owns and closes the dup.
+def _open_socket(policy: DestinationPolicy, transfer: _Transfer, purpose: int, address) -> _OwnedFd | int:
+    """Open a socket for an address the policy allows; record the reason and refuse otherwise."""
+    if address.family in (socket.AF_INET, socket.AF_INET6):
+        reason = policy.denial(address.addr[0])
+    else:
+        reason = f"address family {address.family} is not IPv4 or IPv6"
+    if reason is not None:
+        transfer.denials.append(reason)
+        return pycurl.SOCKET_BAD
+    if transfer.denials:
+        transfer.opened_after_denial = True
+    # _socket.socket: the C type, without socket.socket's Python-level __init__ and __del__.
+    return _OwnedFd(_socket.socket(address.family, address.socktype, address.protocol).detach())
 
 
 class CurlDriver:
@@ -46,8 +89,10 @@ class CurlDriver:
     def __init__(self, watch_fd: WatchFd, max_redirects: int = 10, max_host_connections: int = 0,
                  max_total_connections: int = 0, max_response_bytes: int = 32 * 1024 * 1024,
                  ca_file: str | None = None, ca_path: str | None = None, client_cert: str | None = None,
-                 client_key: str | None = None, proxy: str | None = None):
+                 client_key: str | None = None, proxy: str | None = None,
+                 destination_policy: DestinationPolicy | None = None):
         self._watch_fd = watch_fd
+        self._policy = destination_policy or DestinationPolicy()
         # Given paths and proxy as (option, value) pairs; libcurl's defaults stand for the rest,
         # and with no PROXY set libcurl reads the http_proxy/https_proxy/no_proxy env vars.
         self._transport_options = [
@@ -122,6 +167,7 @@ class CurlDriver:
         setopt(pycurl.WRITEFUNCTION, transfer.body.write)
         setopt(pycurl.HEADERFUNCTION, transfer.headers.write)
         setopt(pycurl.TIMEOUT_MS, request.timeout_ms)
+        setopt(pycurl.OPENSOCKETFUNCTION, partial(_open_socket, self._policy, transfer))
         if request.headers:
             transfer.dirty = True
             # "Name;" is libcurl's way to send a header with an empty value.
@@ -216,6 +262,11 @@ class CurlDriver:
                     info(pycurl.APPCONNECT_TIME), info(pycurl.PRETRANSFER_TIME), info(pycurl.TOTAL_TIME),
                 ),
             )
+        if code == pycurl.E_COULDNT_CONNECT and transfer.denials:
+            message = denial_message(transfer.denials)
+            if transfer.opened_after_denial:
+                message += f"; the other addresses: {curl_error_text(code, '')}"
+            return Response(request.id, error_msg=message, duration_s=duration_s, request=request)
         if code == pycurl.E_FILESIZE_EXCEEDED:
             message = f"the response is larger than the {self._max_response_bytes}-byte cap (--max-response-bytes)"
         if code:

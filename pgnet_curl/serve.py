@@ -21,6 +21,8 @@ _FLAG_TO_SETTING = {
     "lease_grace": "lease_grace_s",
     "poll_interval": "poll_interval_s",
     "drain_timeout": "drain_timeout_s",
+    "deny_cidr": "deny_cidrs",
+    "allow_cidr": "allow_cidrs",
 }
 
 

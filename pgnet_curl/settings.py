@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from urllib.parse import urlsplit
 
+from .destination_policy import parse_cidrs
 from .errors import ConfigError
 
 # pg_net's defaults for the settings it reads from the database.
@@ -65,6 +66,11 @@ class Settings:
     client_key: str | None = None
     # Outgoing proxy (http://[user:password@]host:port); when None libcurl reads *_proxy env vars.
     proxy: str | None = field(default=None, repr=False)
+    # Destination policy (destination_policy.py): CIDRs denied and allowed on top of the
+    # default deny list, and whether loopback and private networks are denied too.
+    deny_cidrs: tuple[str, ...] = ()
+    allow_cidrs: tuple[str, ...] = ()
+    deny_private: bool = False
     # Which settings came from flags/env and so win over the database's pg_net.* values.
     pinned: frozenset = frozenset()
 
@@ -87,6 +93,9 @@ def build(**overrides) -> Settings:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
     if "ttl" in given and not isinstance(given["ttl"], timedelta):
         given["ttl"] = parse_interval("--ttl", given["ttl"], DEFAULT_TTL)
+    for name, flag in (("deny_cidrs", "--deny-cidr"), ("allow_cidrs", "--allow-cidr")):
+        if name in given:
+            given[name] = parse_cidrs(flag, given[name])
     settings = Settings(**given, pinned=frozenset(given) - {"dsn"})
     _validate(settings)
     return settings

@@ -21,6 +21,7 @@ import pycurl
 
 from . import db, metrics, retry, schema, signing
 from .curl_driver import CurlDriver
+from .destination_policy import DestinationPolicy
 from .errors import DatabaseUnavailable, PgnetCurlError, SchemaError
 from .model import Request, Response
 from .queue import Queue
@@ -74,7 +75,9 @@ class Worker:
                                  max_response_bytes=settings.max_response_bytes,
                                  ca_file=settings.ca_file, ca_path=settings.ca_path,
                                  client_cert=settings.client_cert, client_key=settings.client_key,
-                                 proxy=settings.proxy)
+                                 proxy=settings.proxy,
+                                 destination_policy=DestinationPolicy(
+                                     settings.deny_cidrs, settings.allow_cidrs, settings.deny_private))
         self.conn: psycopg.Connection | None = None
         self._db_fd = -1
         self.queue: Queue | None = None

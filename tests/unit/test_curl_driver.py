@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import select
+import subprocess
+import sys
 import time
 
 import pycurl
 import pytest
 
+from helpers import wait_until
 from http_server import HttpTestServer
 from pgnet_curl.curl_driver import CurlDriver
+from pgnet_curl.destination_policy import DestinationPolicy
 from pgnet_curl.model import Request
 
 EVENTS = {pycurl.POLL_IN: select.POLLIN, pycurl.POLL_OUT: select.POLLOUT,
@@ -122,3 +127,61 @@ def test_a_reset_handle_keeps_the_tls_files(tmp_path):
             assert response.status_code == 200, response.error_msg
             assert json.loads(response.content) == {"protocol": "h2", "path": "/mtls", "client_cert": "driver client"}
         assert len(loop.driver._idle_handles) == 1
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_policy_sockets_leak_no_fds_whether_allowed_or_denied(server):
+    loop = Loop(destination_policy=DestinationPolicy(deny_cidrs=["127.0.0.2/32", "::1/128"]))
+    close = {"Connection": "close"}  # a new connection, so a new open-socket call, every time
+    allowed = Request(1, "GET", server.url_for("/status/204"), close, None, 5000)
+    denied = Request(2, "GET", f"http://127.0.0.2:{server.port}/", close, None, 5000)
+    half_denied = Request(3, "GET", f"http://localhost:{server.port}/status/204", close, None, 5000)
+    loop.run(allowed)
+    loop.run(denied)
+    before = open_fds()
+    hits_before = server.hits("/status/204")
+    for _ in range(50):
+        assert loop.run(allowed).status_code == 204
+        assert loop.run(denied).error_msg == (
+            "Destination denied by policy: 127.0.0.2 is in 127.0.0.2/32 (denied by --deny-cidr)")
+        assert loop.run(half_denied).status_code == 204, "::1 denied, 127.0.0.1 tried next"
+    assert server.hits("/status/204") - hits_before == 100
+    # The server runs in this process too: wait for it to close its side of the connections.
+    wait_until(lambda: open_fds() <= before, timeout_s=5, message=f"fds back to {before} (now {open_fds()})")
+
+
+def test_a_denied_address_then_a_refused_one_names_both_outcomes(server):
+    loop = Loop(destination_policy=DestinationPolicy(deny_cidrs=["::1/128"]))
+    response = loop.run(Request(1, "GET", "http://localhost:1/", {}, None, 5000))
+    assert (response.status_code, response.timed_out, response.error_msg) == (None, False, (
+        "Destination denied by policy: ::1 is in ::1/128 (denied by --deny-cidr); "
+        "the other addresses: Couldn't connect to server"))
+
+
+# Run in a new network namespace (only a downed loopback): if the policy ever let these
+# through, the connection attempt fails there instead of reaching a real metadata service.
+_ISOLATED_SCRIPT = """
+import json, sys
+sys.path[:0] = sys.argv[1:3]
+from test_curl_driver import Loop
+from pgnet_curl.model import Request
+loop = Loop()
+urls = ["http://169.254.169.254/latest/meta-data/", "http://[::ffff:169.254.169.254]/", "http://[fd00:ec2::254]/"]
+print(json.dumps([loop.run(Request(i, "GET", url, {}, None, 3000)).error_msg for i, url in enumerate(urls)]))
+"""
+
+
+def test_default_policy_denies_metadata_addresses_before_connecting():
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(
+        ["unshare", "--map-root-user", "--net", sys.executable, "-c", _ISOLATED_SCRIPT, here, os.path.dirname(here)],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [
+        "Destination denied by policy: 169.254.169.254 is in 169.254.0.0/16 (denied by default; allow with --allow-cidr)",
+        "Destination denied by policy: ::ffff:169.254.169.254 is in 169.254.0.0/16 (denied by default; allow with --allow-cidr)",
+        "Destination denied by policy: fd00:ec2::254 is in fd00:ec2::254/128 (denied by default; allow with --allow-cidr)",
+    ]
