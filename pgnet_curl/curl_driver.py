@@ -14,7 +14,7 @@ import pycurl
 
 from . import PG_NET_COMPAT_VERSION, __version__
 from .model import Request, Response
-from .response import curl_error_text, decode_body, parse_final_headers, timeout_message
+from .response import curl_error_detail, curl_error_text, decode_body, parse_final_headers, timeout_message
 
 USER_AGENT = f"pg_net/{PG_NET_COMPAT_VERSION} (pgnet-curl/{__version__})"
 _HTTP_ONLY = pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS
@@ -196,12 +196,16 @@ class CurlDriver:
                     request.timeout_ms, info(pycurl.NAMELOOKUP_TIME), info(pycurl.CONNECT_TIME),
                     info(pycurl.APPCONNECT_TIME), info(pycurl.PRETRANSFER_TIME), info(pycurl.TOTAL_TIME),
                 ),
+                error_detail=curl_error_detail("", message),
             )
-        if code == pycurl.E_FILESIZE_EXCEEDED:
-            message = f"the response is larger than the {self._max_response_bytes}-byte cap (--max-response-bytes)"
         if code:
-            return Response(request.id, error_msg=curl_error_text(code, message),
-                            duration_s=duration_s, request=request)
+            text = curl_error_text(code)
+            detail = curl_error_detail(text, message)
+            if code == pycurl.E_FILESIZE_EXCEEDED:
+                # Our cap, not pg_net's: the message names it and the flag that sets it.
+                cap = self._max_response_bytes
+                text = f"{text}: the response is larger than the {cap}-byte cap (--max-response-bytes)"
+            return Response(request.id, error_msg=text, error_detail=detail, duration_s=duration_s, request=request)
         content_type = handle.getinfo(pycurl.CONTENT_TYPE)
         content, content_bytes = decode_body(transfer.body.getvalue(), content_type)
         return Response(

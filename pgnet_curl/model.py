@@ -31,7 +31,10 @@ class Response:
     # The exact body when it is not text (see sql/0002_response_bytes.sql).
     content_bytes: bytes | None = None
     timed_out: bool = False
+    # pg_net's text: libcurl's curl_easy_strerror, the timeout message, or one of ours.
     error_msg: str | None = None
+    # curl's error buffer for this transfer, when it says more (see sql/0005_error_detail.sql).
+    error_detail: str | None = None
     # Not stored: for metrics.
     duration_s: float = 0.0
     request: Request | None = None

@@ -50,7 +50,7 @@ class Queue:
         rows = json.dumps([
             [r.id, r.status_code, r.content_type, r.headers, r.content,
              None if r.content_bytes is None else base64.b64encode(r.content_bytes).decode("ascii"),
-             r.timed_out, r.error_msg]
+             r.timed_out, r.error_msg, r.error_detail]
             for r in responses
         ])
         with database_errors("writing responses"):

@@ -31,18 +31,22 @@ def _load_strerror():
 _strerror = _load_strerror()
 
 
-def curl_error_text(code: int, detail: str = "") -> str:
-    """Return libcurl's text for an error code, as pg_net stores it, then curl's detail if any.
+def curl_error_text(code: int) -> str:
+    """Return libcurl's text for an error code alone, as pg_net stores it in error_msg.
 
     The classic texts (connect, resolve) stay exact: pg_net users compare them with `=`.
     """
     if code in _CLASSIC_STRERROR:
         return _CLASSIC_STRERROR[code]
-    text = _strerror(code).decode("utf-8", "replace") if _strerror is not None else f"libcurl error {code}"
+    return _strerror(code).decode("utf-8", "replace") if _strerror is not None else f"libcurl error {code}"
+
+
+def curl_error_detail(text: str, detail: str) -> str | None:
+    """Return curl's error-buffer detail for error_detail, or None when it adds nothing to text."""
     detail = detail.strip()
-    if detail and detail.lower() != text.lower():
-        return f"{text}: {detail}"
-    return text
+    if not detail or detail.lower() == text.lower():
+        return None
+    return detail
 
 
 def timeout_message(timeout_ms: int, namelookup_s: float, connect_s: float, appconnect_s: float,

@@ -25,12 +25,12 @@ returning id, method, url, headers::text, body, timeout_milliseconds,
 -- Store finished responses of the requests this worker still owns, and dequeue them, in one
 -- statement. A row whose lease passed to another worker is skipped: that worker answers it.
 -- %(rows)s is one JSON array of [id, status_code, content_type, headers, content,
--- content_bytes (base64), timed_out, error_msg] arrays: one parameter, parsed once, instead
--- of eight arrays dumped element by element.
+-- content_bytes (base64), timed_out, error_msg, error_detail] arrays: one parameter, parsed
+-- once, instead of nine arrays dumped element by element.
 with r as (
     select (e ->> 0)::bigint as id, (e ->> 1)::int as status_code, e ->> 2 as content_type,
            e -> 3 as headers, e ->> 4 as content, decode(e ->> 5, 'base64') as content_bytes,
-           (e ->> 6)::bool as timed_out, e ->> 7 as error_msg
+           (e ->> 6)::bool as timed_out, e ->> 7 as error_msg, e ->> 8 as error_detail
     from jsonb_array_elements(%(rows)s::jsonb) as e
 ), done as (
     delete from net.http_request_queue
@@ -38,8 +38,9 @@ with r as (
     returning id
 )
 insert into net._http_response
-    (id, status_code, content_type, headers, content, content_bytes, timed_out, error_msg)
-select id, status_code, content_type, nullif(headers, 'null'), content, content_bytes, timed_out, error_msg
+    (id, status_code, content_type, headers, content, content_bytes, timed_out, error_msg, error_detail)
+select id, status_code, content_type, nullif(headers, 'null'), content, content_bytes, timed_out, error_msg,
+       error_detail
 from r
 where id in (select id from done)
 on conflict (id) do nothing;

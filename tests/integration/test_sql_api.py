@@ -63,6 +63,14 @@ def test_tables_keep_pg_net_columns_and_types(db):
         assert [(name, typ.replace("net.", "")) for name, typ in rows[: len(expected)]] == expected
 
 
+def test_response_table_has_the_private_columns_after_pg_nets(db):
+    rows = db.execute(
+        """select attname, format_type(atttypid, null) from pg_attribute
+           where attrelid = 'net._http_response'::regclass and attnum > 0 and not attisdropped order by attnum"""
+    ).fetchall()
+    assert rows[len(PG_NET_COLUMNS["_http_response"]):] == [("content_bytes", "bytea"), ("error_detail", "text")]
+
+
 def test_types_match_pg_net(db):
     labels = db.execute("select enum_range(null::net.request_status)::text").fetchone()[0]
     assert labels == "{PENDING,SUCCESS,ERROR}"

@@ -3,7 +3,7 @@
 import pycurl
 import pytest
 
-from pgnet_curl.response import charset_of, curl_error_text, decode_body, parse_final_headers, timeout_message
+from pgnet_curl.response import charset_of, curl_error_detail, curl_error_text, decode_body, parse_final_headers, timeout_message
 
 
 def test_timeout_in_dns():
@@ -57,9 +57,17 @@ def test_decode_body_rules():
     assert decode_body(b"a\x00b", "text/plain") == (None, b"a\x00b")
 
 
-def test_error_texts():
-    assert curl_error_text(pycurl.E_COULDNT_CONNECT, "Failed to connect to 127.0.0.1 port 1") == "Couldn't connect to server"
+def test_error_texts_are_libcurls_alone():
+    assert curl_error_text(pycurl.E_COULDNT_CONNECT) == "Couldn't connect to server"
     assert curl_error_text(pycurl.E_COULDNT_RESOLVE_HOST) == "Couldn't resolve host name"
-    assert curl_error_text(pycurl.E_GOT_NOTHING, "Empty reply from server") == (
-        "Server returned nothing (no headers, no data): Empty reply from server")
-    assert curl_error_text(pycurl.E_OPERATION_TIMEDOUT, "Timeout was reached") == "Timeout was reached"
+    assert curl_error_text(pycurl.E_GOT_NOTHING) == "Server returned nothing (no headers, no data)"
+    assert curl_error_text(pycurl.E_OPERATION_TIMEDOUT) == "Timeout was reached"
+
+
+def test_error_detail_is_curls_buffer_when_it_says_more():
+    assert curl_error_detail("Server returned nothing (no headers, no data)", "Empty reply from server") == (
+        "Empty reply from server")
+    assert curl_error_detail("Couldn't connect to server", " Failed to connect to 127.0.0.1 port 1 \n") == (
+        "Failed to connect to 127.0.0.1 port 1")
+    assert curl_error_detail("Timeout was reached", "timeout was reached") is None
+    assert curl_error_detail("Weird server reply", "") is None
