@@ -193,8 +193,8 @@ class CurlDriver:
             return Response(
                 request.id, timed_out=True, duration_s=duration_s, request=request,
                 error_msg=timeout_message(
-                    request.timeout_ms, info(pycurl.NAMELOOKUP_TIME), info(pycurl.CONNECT_TIME),
-                    info(pycurl.APPCONNECT_TIME), info(pycurl.PRETRANSFER_TIME), info(pycurl.TOTAL_TIME),
+                    request.timeout_ms, info(pycurl.NAMELOOKUP_TIME_T), info(pycurl.CONNECT_TIME_T),
+                    info(pycurl.APPCONNECT_TIME_T), info(pycurl.PRETRANSFER_TIME_T), info(pycurl.TOTAL_TIME_T),
                 ),
                 error_detail=curl_error_detail("", message),
             )

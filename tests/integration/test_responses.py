@@ -143,6 +143,60 @@ def test_timeout_row_says_where_the_time_went(served_db, http_server):
     assert row["error_detail"].startswith("Operation timed out after ")
 
 
+_PHASES = re.compile(r"Timeout of \d+ ms reached\. Total time: (?P<total>\d+\.\d{6}) ms \(DNS time: (?P<dns>\d+\.\d{6}) ms, "
+                     r"TCP/SSL handshake time: (?P<handshake>\d+\.\d{6}) ms, "
+                     r"HTTP Request/Response time: (?P<http>\d+\.\d{6}) ms\)")
+
+
+def timeout_phases_ms(error_msg: str) -> dict[str, float]:
+    match = _PHASES.fullmatch(error_msg)
+    assert match, error_msg
+    return {name: float(value) for name, value in match.groupdict().items()}
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_timeout_on_a_fresh_connection_reports_each_phase(served_db, host):
+    from http_server import HttpTestServer
+
+    with HttpTestServer() as server:  # nothing has connected to it: the connection is new
+        row = fetch(served_db, f"http://{host}:{server.port}/hang", timeout_ms=300)
+    assert row["timed_out"] is True
+    phases = timeout_phases_ms(row["error_msg"])
+    assert phases["dns"] > 0 and phases["handshake"] > 0 and phases["http"] > 0, row["error_msg"]
+    assert phases["total"] >= 300
+    # As pg_net counts: the gap between connect and the request being ready is in no phase.
+    assert phases["dns"] + phases["handshake"] + phases["http"] <= phases["total"]
+
+
+def test_concurrent_timeouts_on_fresh_connections_each_report_every_phase(served_db):
+    from http_server import HttpTestServer
+
+    with HttpTestServer() as server:
+        ids = [row[0] for row in served_db.execute(
+            "select net.http_get(%s, timeout_milliseconds => 300) from generate_series(1, 5)",
+            (server.url_for("/hang"),)).fetchall()]
+        rows = [wait_for_row(served_db, request_id, "a /hang row") for request_id in ids]
+    for row in rows:
+        phases = timeout_phases_ms(row["error_msg"])
+        assert phases["dns"] > 0 and phases["handshake"] > 0 and phases["http"] > 0, row["error_msg"]
+
+
+def test_timeout_on_a_reused_connection_reports_http_time_only(served_db):
+    from http_server import HttpTestServer
+
+    with HttpTestServer() as server:
+        assert fetch(served_db, server.url_for("/echo"))["status_code"] == 200
+        wait_until(lambda: server.open_connections == 1, message="the kept-alive connection")
+        request_id = served_db.execute("select net.http_get(%s, timeout_milliseconds => 300)",
+                                       (server.url_for("/hang"),)).fetchone()[0]
+        server.wait_for_hits(1, "/hang")
+        assert server.open_connections == 1  # /hang came on the kept-alive connection
+        row = wait_for_row(served_db, request_id, "the /hang row")
+    phases = timeout_phases_ms(row["error_msg"])
+    assert (phases["dns"], phases["handshake"]) == (0, 0), row["error_msg"]
+    assert phases["http"] > 0
+
+
 def test_slowloris_server_times_out(served_db, http_server):
     row = fetch(served_db, http_server.url_for("/slowloris?ms=100"), timeout_ms=400)
     assert row["timed_out"] is True
