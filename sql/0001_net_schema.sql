@@ -258,7 +258,9 @@ begin
             problem := 'No host present';
         elsif substring(port from '[^0-9]') = '\' then
             problem := 'Found a backslash where a forward slash was expected';
-        elsif port ~ '[^0-9]' or (port <> '' and port::numeric > 65535) then
+        elsif port ~ '[^0-9]' then
+            problem := 'Port number was not a decimal number between 0 and 65535';
+        elsif port <> '' and port::numeric > 65535 then
             problem := 'Port number was not a decimal number between 0 and 65535';
         elsif left(host, 1) = '[' then
             if host ~ '%.*[\x01-\x1f]' then
