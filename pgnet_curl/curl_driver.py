@@ -20,7 +20,7 @@ from . import PG_NET_COMPAT_VERSION, __version__
 from .destination_policy import DestinationPolicy, denial_message
 from .model import Request, Response
 from .redact import setopt_error_text
-from .response import curl_error_text, decode_body, parse_final_headers, timeout_message
+from .response import curl_error_detail, curl_error_text, decode_body, parse_final_headers, timeout_message
 
 USER_AGENT = f"pg_net/{PG_NET_COMPAT_VERSION} (pgnet-curl/{__version__})"
 _HTTP_ONLY = pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS
@@ -258,19 +258,25 @@ class CurlDriver:
             return Response(
                 request.id, timed_out=True, curl_code=code, duration_s=duration_s, request=request,
                 error_msg=timeout_message(
-                    request.timeout_ms, info(pycurl.NAMELOOKUP_TIME), info(pycurl.CONNECT_TIME),
-                    info(pycurl.APPCONNECT_TIME), info(pycurl.PRETRANSFER_TIME), info(pycurl.TOTAL_TIME),
+                    request.timeout_ms, info(pycurl.NAMELOOKUP_TIME_T), info(pycurl.CONNECT_TIME_T),
+                    info(pycurl.APPCONNECT_TIME_T), info(pycurl.PRETRANSFER_TIME_T), info(pycurl.TOTAL_TIME_T),
                 ),
+                error_detail=curl_error_detail("", message),
             )
         if code == pycurl.E_COULDNT_CONNECT and transfer.denials:
             message = denial_message(transfer.denials)
             if transfer.opened_after_denial:
-                message += f"; the other addresses: {curl_error_text(code, '')}"
+                message += f"; the other addresses: {curl_error_text(code)}"
+            # curl_code 0: a denial is final, never retried.
             return Response(request.id, error_msg=message, duration_s=duration_s, request=request)
-        if code == pycurl.E_FILESIZE_EXCEEDED:
-            message = f"the response is larger than the {self._max_response_bytes}-byte cap (--max-response-bytes)"
         if code:
-            return Response(request.id, error_msg=curl_error_text(code, message), curl_code=code,
+            text = curl_error_text(code)
+            detail = curl_error_detail(text, message)
+            if code == pycurl.E_FILESIZE_EXCEEDED:
+                # Our cap, not pg_net's: the message names it and the flag that sets it.
+                cap = self._max_response_bytes
+                text = f"{text}: the response is larger than the {cap}-byte cap (--max-response-bytes)"
+            return Response(request.id, error_msg=text, error_detail=detail, curl_code=code,
                             duration_s=duration_s, request=request)
         content_type = handle.getinfo(pycurl.CONTENT_TYPE)
         content, content_bytes = decode_body(transfer.body.getvalue(), content_type)

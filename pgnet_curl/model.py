@@ -43,10 +43,12 @@ class Response:
     # The exact body when it is not text (see sql/0002_response_bytes.sql).
     content_bytes: bytes | None = field(default=None, repr=False)
     timed_out: bool = False
+    # pg_net's text: libcurl's curl_easy_strerror, the timeout message, or one of ours.
     error_msg: str | None = None
+    # curl's error buffer for this transfer, when it says more (see sql/0005_error_detail.sql).
+    error_detail: str | None = None
     # Not stored as such: for retries and metrics.
     curl_code: int = 0
-    retry_after: str | None = None
     # Set by the worker: try again in this many ms instead of storing the row.
     retry_in_ms: float | None = None
     duration_s: float = 0.0

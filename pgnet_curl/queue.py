@@ -51,7 +51,8 @@ class Queue:
         rows = json.dumps([
             [r.id, r.status_code, r.content_type, r.headers, r.content,
              None if r.content_bytes is None else base64.b64encode(r.content_bytes).decode("ascii"),
-             r.timed_out, r.error_msg, r.retry_in_ms, r.request.retries + 1 if r.request else 1, r.failed]
+             r.timed_out, r.error_msg, r.error_detail, r.retry_in_ms,
+             r.request.retries + 1 if r.request else 1, r.failed]
             for r in responses
         ])
         params = {"owner": self.owner, "rows": rows, "notify_channel": notify_channel}

@@ -33,35 +33,46 @@ def _load_strerror():
 _strerror = _load_strerror()
 
 
-def curl_error_text(code: int, detail: str = "") -> str:
-    """Return libcurl's text for an error code, as pg_net stores it, then curl's detail if any.
+def curl_error_text(code: int) -> str:
+    """Return libcurl's text for an error code alone, as pg_net stores it in error_msg.
 
     The classic texts (connect, resolve) stay exact: pg_net users compare them with `=`.
     """
     if code in _CLASSIC_STRERROR:
         return _CLASSIC_STRERROR[code]
-    text = _strerror(code).decode("utf-8", "replace") if _strerror is not None else f"libcurl error {code}"
-    # libcurl's detail may name a URL; its userinfo and query are the caller's secrets.
+    return _strerror(code).decode("utf-8", "replace") if _strerror is not None else f"libcurl error {code}"
+
+
+def curl_error_detail(text: str, detail: str) -> str | None:
+    """Return curl's error-buffer detail for error_detail, or None when it adds nothing to text.
+
+    libcurl's detail may name a URL; its userinfo and query are the caller's secrets.
+    """
     detail = scrub(detail.strip())
-    if detail and detail.lower() != text.lower():
-        return f"{text}: {detail}"
-    return text
+    if not detail or detail.lower() == text.lower():
+        return None
+    return detail
 
 
-def timeout_message(timeout_ms: int, namelookup_s: float, connect_s: float, appconnect_s: float,
-                    pretransfer_s: float, total_s: float) -> str:
-    """Say where the time of a timed-out request went, in pg_net's exact words."""
-    total_ms = total_s * 1000
-    namelookup_ms, connect_ms = namelookup_s * 1000, connect_s * 1000
+def timeout_message(timeout_ms: int, namelookup_us: int, connect_us: int, appconnect_us: int,
+                    pretransfer_us: int, total_us: int) -> str:
+    """Say where the time of a timed-out request went, in pg_net's exact words.
+
+    Takes curl's *_TIME_T figures: whole microseconds since the transfer started, 0 for a step
+    that did not run (name lookup and connect on a reused connection, TLS over plain http) or
+    that the timeout cut short.
+    """
+    total_ms = total_us / 1000
+    namelookup_ms, connect_ms = namelookup_us / 1000, connect_us / 1000
     dns_ms = handshake_ms = http_ms = 0.0
-    if pretransfer_s > 0:
+    if pretransfer_us > 0:
         # Checked first: on a reused connection name lookup and connect report 0.
         dns_ms = namelookup_ms
         handshake_ms = max(connect_ms - namelookup_ms, 0.0)
-        if appconnect_s > 0:
-            handshake_ms += appconnect_s * 1000 - connect_ms
-        http_ms = total_ms - pretransfer_s * 1000
-    elif namelookup_s == 0 and connect_s == 0:
+        if appconnect_us > 0:
+            handshake_ms += appconnect_us / 1000 - connect_ms
+        http_ms = total_ms - pretransfer_us / 1000
+    elif namelookup_us == 0 and connect_us == 0:
         dns_ms = total_ms
     else:
         dns_ms = namelookup_ms

@@ -31,14 +31,14 @@ returning id, method, url, headers::text, body, timeout_milliseconds,
 -- whose lease passed to another worker is skipped: that worker answers it. Failed requests are
 -- archived whole for replay; the completion NOTIFY is sent in the same transaction as the row.
 -- %(rows)s is one JSON array of [id, status_code, content_type, headers, content,
--- content_bytes (base64), timed_out, error_msg, retry_in_ms, attempts, failed] arrays: one
--- parameter, parsed once, instead of arrays dumped element by element.
+-- content_bytes (base64), timed_out, error_msg, error_detail, retry_in_ms, attempts, failed]
+-- arrays: one parameter, parsed once, instead of arrays dumped element by element.
 -- Returns (rows stored or rescheduled, ids stored whose request has a SQL callback).
 with r as (
     select (e ->> 0)::bigint as id, (e ->> 1)::int as status_code, e ->> 2 as content_type,
            e -> 3 as headers, e ->> 4 as content, decode(e ->> 5, 'base64') as content_bytes,
-           (e ->> 6)::bool as timed_out, e ->> 7 as error_msg, (e ->> 8)::float8 as retry_in_ms,
-           (e ->> 9)::int as attempts, (e ->> 10)::bool as failed
+           (e ->> 6)::bool as timed_out, e ->> 7 as error_msg, e ->> 8 as error_detail,
+           (e ->> 9)::float8 as retry_in_ms, (e ->> 10)::int as attempts, (e ->> 11)::bool as failed
     from jsonb_array_elements(%(rows)s::jsonb) as e
 ), rescheduled as (
     update net.http_request_queue q
@@ -62,9 +62,10 @@ with r as (
     on conflict (id) do nothing
 ), stored as (
     insert into net._http_response
-        (id, status_code, content_type, headers, content, content_bytes, timed_out, error_msg, requested_by, attempts)
+        (id, status_code, content_type, headers, content, content_bytes, timed_out, error_msg, error_detail,
+         requested_by, attempts)
     select r.id, r.status_code, r.content_type, nullif(r.headers, 'null'), r.content, r.content_bytes, r.timed_out,
-           r.error_msg, done.requested_by, r.attempts
+           r.error_msg, r.error_detail, done.requested_by, r.attempts
     from r join done on done.id = r.id
     on conflict (id) do nothing
     returning id

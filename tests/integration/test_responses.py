@@ -98,12 +98,14 @@ def test_redirects_are_followed_and_final_headers_kept(served_db, http_server):
 def test_redirect_to_a_non_http_scheme_is_an_error_row(served_db, http_server):
     row = fetch(served_db, http_server.url_for("/redirect-to?url=file:///etc/passwd"))
     assert row["status_code"] is None
-    assert row["error_msg"].startswith("Unsupported protocol")
+    assert row["error_msg"] == "Unsupported protocol"
+    assert row["error_detail"] and "file" in row["error_detail"]
 
 
 def test_too_many_redirects_is_an_error_row(served_db, http_server):
     row = fetch(served_db, http_server.url_for("/redirect/15"))
-    assert row["error_msg"].startswith("Number of redirects hit maximum amount")
+    assert row["error_msg"] == "Number of redirects hit maximum amount"
+    assert row["error_detail"] == "Maximum (10) redirects followed"
 
 
 def test_repeated_response_headers_are_joined(served_db, http_server):
@@ -126,6 +128,7 @@ def test_body_over_the_cap_is_an_error_row(served_db, http_server):
     assert row["status_code"] is None and row["content"] is None
     assert row["error_msg"] == ("Maximum file size exceeded: the response is larger than the "
                                 "33554432-byte cap (--max-response-bytes)")
+    assert row["error_detail"] is None  # curl's buffer only repeats libcurl's text here
 
 
 def test_timeout_row_says_where_the_time_went(served_db, http_server):
@@ -137,6 +140,61 @@ def test_timeout_row_says_where_the_time_went(served_db, http_server):
         r"TCP/SSL handshake time: \d+\.\d{6} ms, HTTP Request/Response time: \d+\.\d{6} ms\)",
         row["error_msg"],
     ), row["error_msg"]
+    assert row["error_detail"].startswith("Operation timed out after ")
+
+
+_PHASES = re.compile(r"Timeout of \d+ ms reached\. Total time: (?P<total>\d+\.\d{6}) ms \(DNS time: (?P<dns>\d+\.\d{6}) ms, "
+                     r"TCP/SSL handshake time: (?P<handshake>\d+\.\d{6}) ms, "
+                     r"HTTP Request/Response time: (?P<http>\d+\.\d{6}) ms\)")
+
+
+def timeout_phases_ms(error_msg: str) -> dict[str, float]:
+    match = _PHASES.fullmatch(error_msg)
+    assert match, error_msg
+    return {name: float(value) for name, value in match.groupdict().items()}
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_timeout_on_a_fresh_connection_reports_each_phase(served_db, host):
+    from http_server import HttpTestServer
+
+    with HttpTestServer() as server:  # nothing has connected to it: the connection is new
+        row = fetch(served_db, f"http://{host}:{server.port}/hang", timeout_ms=300)
+    assert row["timed_out"] is True
+    phases = timeout_phases_ms(row["error_msg"])
+    assert phases["dns"] > 0 and phases["handshake"] > 0 and phases["http"] > 0, row["error_msg"]
+    assert phases["total"] >= 300
+    # As pg_net counts: the gap between connect and the request being ready is in no phase.
+    assert phases["dns"] + phases["handshake"] + phases["http"] <= phases["total"]
+
+
+def test_concurrent_timeouts_on_fresh_connections_each_report_every_phase(served_db):
+    from http_server import HttpTestServer
+
+    with HttpTestServer() as server:
+        ids = [row[0] for row in served_db.execute(
+            "select net.http_get(%s, timeout_milliseconds => 300) from generate_series(1, 5)",
+            (server.url_for("/hang"),)).fetchall()]
+        rows = [wait_for_row(served_db, request_id, "a /hang row") for request_id in ids]
+    for row in rows:
+        phases = timeout_phases_ms(row["error_msg"])
+        assert phases["dns"] > 0 and phases["handshake"] > 0 and phases["http"] > 0, row["error_msg"]
+
+
+def test_timeout_on_a_reused_connection_reports_http_time_only(served_db):
+    from http_server import HttpTestServer
+
+    with HttpTestServer() as server:
+        assert fetch(served_db, server.url_for("/echo"))["status_code"] == 200
+        wait_until(lambda: server.open_connections == 1, message="the kept-alive connection")
+        request_id = served_db.execute("select net.http_get(%s, timeout_milliseconds => 300)",
+                                       (server.url_for("/hang"),)).fetchone()[0]
+        server.wait_for_hits(1, "/hang")
+        assert server.open_connections == 1  # /hang came on the kept-alive connection
+        row = wait_for_row(served_db, request_id, "the /hang row")
+    phases = timeout_phases_ms(row["error_msg"])
+    assert (phases["dns"], phases["handshake"]) == (0, 0), row["error_msg"]
+    assert phases["http"] > 0
 
 
 def test_slowloris_server_times_out(served_db, http_server):
@@ -144,28 +202,42 @@ def test_slowloris_server_times_out(served_db, http_server):
     assert row["timed_out"] is True
 
 
+# pg_net stores libcurl's text alone in error_msg; curl's detail goes to error_detail.
 @pytest.mark.parametrize(
-    "path, error_start",
+    "path, texts",
     [
-        ("/disconnect", "Server returned nothing (no headers, no data)"),
-        ("/bad-header", "Weird server reply"),
-        ("/truncated", "Transferred a partial file"),
-        ("/reset", ""),
-        ("/garbage", ""),
-        ("/bad-status", ""),
+        ("/disconnect", {("Server returned nothing (no headers, no data)", "Empty reply from server")}),
+        ("/bad-header", {("Weird server reply", "Header without colon")}),
+        ("/truncated", {("Transferred a partial file", "end of response with 990 bytes missing")}),
+        ("/reset", {("Failure when receiving data from the peer", "Recv failure: Connection reset by peer")}),
+        # curl calls it HTTP/0.9 on a fresh connection, a bad status line on a reused one.
+        ("/garbage", {("Weird server reply", "Invalid status line"),
+                      ("Unsupported protocol", "Received HTTP/0.9 when not allowed")}),
+        ("/bad-status", {("Unsupported protocol", "Unsupported HTTP/1 subversion in response")}),
     ],
 )
-def test_misbehaving_servers_give_error_rows_and_the_worker_carries_on(served_db, http_server, path, error_start):
+def test_misbehaving_servers_give_error_rows_and_the_worker_carries_on(served_db, http_server, path, texts):
     row = fetch(served_db, http_server.url_for(path))
     assert row["status_code"] is None
     assert row["timed_out"] is False
-    assert row["error_msg"] and row["error_msg"].startswith(error_start)
+    assert (row["error_msg"], row["error_detail"]) in texts
     assert fetch(served_db, http_server.url_for("/echo"))["status_code"] == 200
+
+
+def test_error_msg_matches_with_equals_as_with_pg_net(served_db, http_server):
+    request_id = fetch(served_db, http_server.url_for("/disconnect"))["id"]
+    found = served_db.execute(
+        "select id from net._http_response where error_msg = 'Server returned nothing (no headers, no data)'"
+        " and id = %s", (request_id,)).fetchall()
+    assert found == [(request_id,)]
+    result = served_db.execute("select (net._http_collect_response(%s)).message", (request_id,)).fetchone()[0]
+    assert result == "Server returned nothing (no headers, no data)"
 
 
 def test_refused_connection_keeps_pg_net_text(served_db):
     row = fetch(served_db, "http://127.0.0.1:1/")
     assert row["error_msg"] == "Couldn't connect to server"
+    assert row["error_detail"].startswith("Failed to connect to 127.0.0.1")
 
 
 def request_row(db, method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> dict:

@@ -130,6 +130,9 @@ def test_no_secret_in_logs_metrics_or_error_rows(db, db_dsn, serve, http_server,
     assert "DEBUG psycopg" not in log and '"logger": "psycopg' not in log
     assert_no_secret(metrics_text, "/metrics")
     assert_no_secret("\n".join(str(error) for _, _, error in rows(db).values()), "error_msg")
+    details = db.execute("select string_agg(error_detail, E'\\n') from net._http_response").fetchone()[0]
+    assert details, "curl's details are stored"
+    assert_no_secret(details, "error_detail")
 
 
 def test_bad_dsns_do_not_show_their_password(empty_db_dsn):

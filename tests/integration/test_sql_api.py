@@ -6,6 +6,8 @@ import psycopg
 import pytest
 from psycopg import errors
 
+from libcurl_url import url_error
+
 # pg_get_function_arguments / pg_get_function_result as pg_net 0.20 prints them.
 PG_NET_SIGNATURES = {
     "http_get": ("url text, params jsonb DEFAULT '{}'::jsonb, headers jsonb DEFAULT '{}'::jsonb, "
@@ -59,6 +61,16 @@ def test_tables_keep_pg_net_columns_and_types(db):
             (f"net.{table}",),
         ).fetchall()
         assert [(name, typ.replace("net.", "")) for name, typ in rows[: len(expected)]] == expected
+
+
+def test_response_table_has_the_private_columns_after_pg_nets(db):
+    rows = db.execute(
+        """select attname, format_type(atttypid, null) from pg_attribute
+           where attrelid = 'net._http_response'::regclass and attnum > 0 and not attisdropped order by attnum"""
+    ).fetchall()
+    assert sorted(rows[len(PG_NET_COLUMNS["_http_response"]):]) == [
+        ("attempts", "integer"), ("callback_error", "text"), ("content_bytes", "bytea"), ("error_detail", "text"),
+        ("requested_by", "name")]
 
 
 def test_types_match_pg_net(db):
@@ -145,38 +157,127 @@ def test_delete_stores_optional_body(db):
     assert queued(db)[-1][4] == b'{"id": 7}'
 
 
-@pytest.mark.parametrize(
-    "url, message",
-    [
-        ("not a url", 'invalid URL "not a url"'),
-        ("http://", 'invalid URL "http://"'),
-        ("http://exa mple.com/", 'invalid URL "http://exa mple.com/"'),
-        ("http://127.0.0.1:99999/", 'invalid URL "http://127.0.0.1:99999/"'),
-        ("ftp://127.0.0.1/file", 'unsupported URL scheme "ftp" in "ftp://127.0.0.1/file"'),
-        ("file:///etc/passwd", 'unsupported URL scheme "file" in "file:///etc/passwd"'),
-        ("127.0.0.1/no-scheme", 'invalid URL "127.0.0.1/no-scheme"'),
-    ],
-)
-def test_invalid_urls_raise_and_queue_nothing(db, url, message):
+PORT_TEXT = "Port number was not a decimal number between 0 and 65535"
+
+# Bad URLs and the curl_url_strerror text pg_net puts after `invalid URL "<url>": `.
+URL_TEXTS = [
+    ("localhost:6666", "Unsupported URL scheme"),  # pg_net's own test: "localhost" is the scheme
+    ("/malformed_url", "Bad scheme"),
+    ("not a url", "Bad scheme"),
+    ("127.0.0.1/no-scheme", "Bad scheme"),
+    (" http://127.0.0.1/", "Bad scheme"),
+    ("", "Malformed input to a URL function"),
+    ("http:x", "Unsupported number of slashes following scheme"),
+    ("http:////x", "Unsupported number of slashes following scheme"),
+    ("http://", "No host present"),
+    ("http://:8080/", "No host present"),
+    ("http://user@/", "No host present"),
+    ("http://exa mple.com/", "Bad hostname"),
+    ("http://ex%20ample/", "Bad hostname"),
+    ("http://./", "Bad hostname"),
+    ("http://a<b/", "Bad hostname"),
+    ("http://127.0.0.1:99999/", PORT_TEXT),
+    ("http://127.0.0.1:abc/", PORT_TEXT),
+    ("http://127.0.0.1:80:80/", PORT_TEXT),
+    ("http://127.0.0.1:8\\/", "Found a backslash where a forward slash was expected"),
+    ("http://[::1/", "Bad IPv6 address"),
+    ("http://[1::2::3]/", "Bad IPv6 address"),
+    ("http://[::1]x/", PORT_TEXT),
+    ("http://u v@127.0.0.1/", "Bad user"),
+    ("http://u:p q@127.0.0.1/", "Bad password"),
+    ("http://127.0.0.1/a b", "Bad path"),
+    ("http://127.0.0.1/a\tb", "Bad path"),
+    ("http://127.0.0.1/?a=b c", "Bad query"),
+    ("http://127.0.0.1/#a b", "Bad fragment"),
+    # libcurl's parser takes these (the transfer would fail); only http and https are sent.
+    ("ftp://127.0.0.1/file", "Unsupported URL scheme"),
+    ("file:///etc/passwd", "Unsupported URL scheme"),
+    ("ws://127.0.0.1/", "Unsupported URL scheme"),
+]
+
+
+@pytest.mark.parametrize("url, text", URL_TEXTS)
+def test_invalid_urls_raise_pg_nets_text_and_queue_nothing(db, url, text):
     with pytest.raises(errors.InvalidParameterValue) as excinfo:
         db.execute("select net.http_get(%s)", (url,))
-    assert message in str(excinfo.value)
+    assert excinfo.value.diag.message_primary == f'invalid URL "{url}": {text}'
     assert queued(db) == []
+
+
+@pytest.mark.parametrize("url, text", URL_TEXTS)
+def test_url_texts_are_libcurls(url, text):
+    """The table is libcurl's: its parser gives the same text (or takes a scheme we refuse)."""
+    expected = url_error(url)
+    if url.lower().startswith(("http:", "https:")) or expected is not None:
+        assert expected == text
+    else:
+        assert text == "Unsupported URL scheme"
+
+
+def _url_sweep() -> list[str]:
+    """URLs with each character in each part, plus odd shapes: thousands of cases for libcurl to judge."""
+    characters = [chr(code) for code in range(1, 128)] + ["é", "\u0085", "ÿ", "中"]
+    templates = ["http://x/a{}b", "http://x/?a{}b", "http://x/#a{}b", "http://a{}b/", "http://{}/",
+                 "http://u{}v@x/", "http://u:p{}q@x/", "http://x:8{}/", "http://[::1{}]/",
+                 "http://[fe80::1%25e{}]/", "https:{}//x/", "HTTP://x{}:80/", "http://%{}1/",
+                 "http://%4{}/", "http://x%2{}/", "http{}://x/"]
+    urls = [template.format(character) for template in templates for character in characters]
+    urls += ["http:/x", "http:///x", "http://x:/", "http://x:000080/", "http://x:65535/", "http://x:65536/",
+             "http://x:0/", "http://@x/", "http://:@x/", "http://u:@x/", "http://[::]/", "http://[::1]:/",
+             "http://[::ffff:1.2.3.4]/", "http://[1.2.3.4]/", "http://[1:2]/", "http://[]/", "http://[::1]]/",
+             "http://[1:2:3:4:5:6:7:8]/", "http://[1:2:3:4:5:6:7:8:9]/", "http://[fe80::1%25]/",
+             "http://[fe80::1%eth0]/", "http://[::1]@x/", "http://x@[::1]/", "http://%c3%a9/", "http://%2e%2e/",
+             "http://a%2e/", "http://%25/", "http://x./", "http://.x/", "http://.../", "http://-/",
+             "http://1.2.3.4.5/", "http://x/%zz", "http://x?a/b", "http://x#a?b", "http://x/\\",
+             "http://x:\\8/", "http://x:8 \\/", "http://a b:99999/", "http://:99999/", "http://u v@",
+             "http://[zz]:99999/", "http://u:p q@:99999/", "http://x:99999999999999999999/"]
+    return urls
+
+
+def test_check_url_agrees_with_libcurl_on_a_sweep(db):
+    db.execute("""
+        create function pg_temp.url_problem(url text) returns text language plpgsql as $$
+        begin
+            perform net._check_url(url);
+            return null;
+        exception when invalid_parameter_value then
+            return sqlerrm;
+        end
+        $$""")
+    urls = _url_sweep()
+    ours = dict(db.execute("select u, pg_temp.url_problem(u) from unnest(%s::text[]) u", (urls,)).fetchall())
+    disagreements = []
+    for url in urls:
+        text = url_error(url)
+        if text is None and not url.lower().startswith(("http:", "https:")):
+            text = "Unsupported URL scheme"
+        expected = None if text is None else f'invalid URL "{url}": {text}'
+        if ours[url] != expected:
+            disagreements.append((url, ours[url], expected))
+    assert disagreements == [], f"{len(disagreements)} of {len(urls)} differ: {disagreements}"
 
 
 @pytest.mark.parametrize(
     "url",
     ["http://127.0.0.1/", "https://localhost:8443/a/b?c=d#e", "HTTP://127.0.0.1", "http://[::1]:80/x",
-     "http://user:pw@127.0.0.1/"],
+     "http://user:pw@127.0.0.1/", "http:/127.0.0.1/", "http://127.0.0.1:/", "http://x_y.-z/", "http://é.example/"],
 )
-def test_valid_urls_are_queued(db, url):
+def test_urls_libcurl_takes_are_queued(db, url):
+    assert url_error(url) is None
     db.execute("select net.http_get(%s)", (url,))
     assert queued(db)[-1][2] == url
 
 
-def test_null_url_raises(db):
-    with pytest.raises(errors.NullValueNotAllowed, match="url must not be null"):
-        db.execute("select net.http_get(null)")
+@pytest.mark.parametrize(
+    "call",
+    ["net.http_get(null)", "net.http_post(null, '{}')", "net.http_delete(null)", "net.http_request('PUT', null)"],
+)
+def test_null_url_raises_the_queues_not_null_violation(db, call):
+    with pytest.raises(errors.NotNullViolation) as excinfo:
+        db.execute(f"select {call}")
+    assert excinfo.value.diag.message_primary == (
+        'null value in column "url" of relation "http_request_queue" violates not-null constraint')
+    assert queued(db) == []
 
 
 @pytest.mark.parametrize(
