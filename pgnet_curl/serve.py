@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import click
-import platformdirs
 
 from . import metrics_dir, schema, settings as settings_module
 
@@ -20,10 +19,6 @@ _FLAG_TO_SETTING = {
 }
 
 
-def default_data_dir() -> Path:
-    return Path(platformdirs.user_data_dir("pgnet-curl"))
-
-
 def serve(dsn: str | None, data_dir: str | None, install_schema: bool, tuning: dict,
           metrics_host: str = "0.0.0.0", metrics_port: int | None = None) -> int:
     """Serve until stopped; return the exit code."""
@@ -33,7 +28,7 @@ def serve(dsn: str | None, data_dir: str | None, install_schema: bool, tuning: d
     values = {_FLAG_TO_SETTING.get(name, name): value for name, value in tuning.items()}
     embedded = None
     if not dsn:
-        from .embedded import EmbeddedPostgres
+        from .embedded import EmbeddedPostgres, default_data_dir
 
         embedded = EmbeddedPostgres(Path(data_dir) if data_dir else default_data_dir())
         dsn = embedded.start()
