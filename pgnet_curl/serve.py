@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import click
-import platformdirs
 
 from . import db, metrics_dir, schema, settings as settings_module
 from .redact import safe_dsn
@@ -26,10 +25,6 @@ _FLAG_TO_SETTING = {
 }
 
 
-def default_data_dir() -> Path:
-    return Path(platformdirs.user_data_dir("pgnet-curl"))
-
-
 def serve(dsn: str | None, data_dir: str | None, install_schema: bool, tuning: dict,
           metrics_host: str = "0.0.0.0", metrics_port: int | None = None) -> int:
     """Serve until stopped; return the exit code."""
@@ -40,7 +35,7 @@ def serve(dsn: str | None, data_dir: str | None, install_schema: bool, tuning: d
     embedded = None
     worker_dsn = dsn
     if not dsn:
-        from .embedded import EmbeddedPostgres
+        from .embedded import EmbeddedPostgres, default_data_dir
 
         embedded = EmbeddedPostgres(Path(data_dir) if data_dir else default_data_dir())
         dsn = embedded.start()

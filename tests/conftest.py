@@ -1,11 +1,17 @@
 """Fixtures: a real PostgreSQL (PGNET_TEST_DSN or the embedded one), a fresh database per
-test cloned from a template holding the net schema, and a loopback HTTP server."""
+test cloned from a template holding the net schema, and a loopback HTTP server.
+
+PGNET_TEST_PG_VERSION=13 (13 to 18) runs the embedded servers from that major's binaries
+(tests/pg_matrix.py installs them); `-m pg` selects the tests that use PostgreSQL.
+"""
 
 from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import psycopg
@@ -18,6 +24,46 @@ from pgnet_curl import schema  # noqa: E402
 
 TEMPLATE_DB = "pgnet_test_template"
 _db_numbers = itertools.count(1)
+# Tests using these fixtures get the `pg` mark: they are what the version matrix runs.
+PG_FIXTURES = {"pg_server", "embedded_data_dir"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "pg: uses PostgreSQL (set from the fixtures a test uses)")
+    major = os.environ.get("PGNET_TEST_PG_VERSION")
+    if major and not os.environ.get("PGNET_TEST_DSN"):
+        from pg_matrix import bindir
+
+        try:
+            # In the environment, so that `serve` subprocesses run the same binaries.
+            os.environ["PGNET_PG_BINDIR"] = str(bindir(int(major)))
+        except ValueError as exc:
+            raise pytest.UsageError(f"PGNET_TEST_PG_VERSION={major}: {exc}") from exc
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if PG_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.pg)
+
+
+def make_embedded_data_dir(tmp_path_factory, name: str) -> Path:
+    """An empty folder for an embedded cluster; as root, one the pgnet-curl user can reach.
+
+    pytest's own folders are closed to other users, and the embedded server changes no
+    permission outside its data folder: as root the folder is made in the shared temp folder.
+    """
+    if os.geteuid() != 0:
+        return tmp_path_factory.mktemp(name)
+    return Path(tempfile.mkdtemp(prefix=f"pgnet-curl-test-{name}-"))
+
+
+@pytest.fixture
+def embedded_data_dir(tmp_path_factory) -> Path:
+    """An empty data folder for an embedded cluster the test starts (and stops) itself."""
+    path = make_embedded_data_dir(tmp_path_factory, "pg")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class PgServer:
@@ -55,7 +101,7 @@ def pg_server(tmp_path_factory) -> PgServer:
     if not admin_dsn:
         from pgnet_curl.embedded import EmbeddedPostgres
 
-        embedded = EmbeddedPostgres(tmp_path_factory.mktemp("pg"), port=0, fast_unsafe=True)
+        embedded = EmbeddedPostgres(make_embedded_data_dir(tmp_path_factory, "pg"), port=0, fast_unsafe=True)
         admin_dsn = embedded.start()
     server = PgServer(admin_dsn, embedded)
     with server.admin() as conn:
@@ -66,6 +112,7 @@ def pg_server(tmp_path_factory) -> PgServer:
     server.drop_database(TEMPLATE_DB)
     if embedded:
         embedded.stop("immediate")
+        shutil.rmtree(embedded.data_dir, ignore_errors=True)
 
 
 @pytest.fixture

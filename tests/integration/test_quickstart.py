@@ -11,8 +11,8 @@ from helpers import wait_until
 from serve_process import ServeProcess
 
 
-def test_serve_without_dsn_runs_embedded_postgres_end_to_end(tmp_path, http_server):
-    env = {"PGNET_DATA_DIR": str(tmp_path / "data")}
+def test_serve_without_dsn_runs_embedded_postgres_end_to_end(embedded_data_dir, http_server):
+    env = {"PGNET_DATA_DIR": str(embedded_data_dir)}
     saved = {name: os.environ.pop(name, None) for name in ("PGNET_DSN", "DATABASE_URL")}
     try:
         process = ServeProcess(None, env=env)
@@ -35,6 +35,6 @@ def test_serve_without_dsn_runs_embedded_postgres_end_to_end(tmp_path, http_serv
                 "select distinct a.usename, r.rolsuper from pg_stat_activity a join pg_roles r on r.rolname = a.usename "
                 "where a.application_name like 'pgnet-curl worker%'").fetchall() == [("pgnet_curl_worker", False)]
         assert process.stop() == 0
-        assert not (tmp_path / "data" / "pgdata" / "postmaster.pid").exists(), "the embedded server was stopped"
+        assert not (embedded_data_dir / "pgdata" / "postmaster.pid").exists(), "the embedded server was stopped"
     finally:
         process.kill()

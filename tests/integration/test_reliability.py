@@ -60,10 +60,10 @@ def target():
 
 
 @pytest.fixture
-def private_pg(tmp_path):
+def private_pg(embedded_data_dir):
     """A PostgreSQL server of the test's own, which it may restart or crash."""
     # fsync and synchronous_commit on: what a durable install relies on.
-    server = EmbeddedPostgres(tmp_path / "pg", port=0)
+    server = EmbeddedPostgres(embedded_data_dir, port=0)
     yield server
     server.stop("immediate")
 
