@@ -77,6 +77,11 @@ class Queue:
         with database_errors("reading pg_net settings"):
             return self.conn.execute(self._sql["read_settings"]).fetchone()
 
+    def check(self) -> tuple[int | None, str | None, str | None]:
+        """Return (queue table oid or None when the schema is missing, pg_net.batch_size, pg_net.ttl)."""
+        with database_errors("checking the net schema and pg_net settings"):
+            return self.conn.execute(self._sql["check"]).fetchone()
+
     def delete_expired(self, ttl_s: float, limit: int) -> int:
         with database_errors("deleting expired responses"):
             return self.conn.execute(self._sql["delete_expired"], {"ttl_s": ttl_s, "limit": limit}).rowcount

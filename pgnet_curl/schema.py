@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from importlib import resources
 from pathlib import Path
@@ -14,7 +15,10 @@ from .errors import DatabaseUnavailable, SchemaError
 # Serialises concurrent installs of the same database (any constant works; this spells "pgnet").
 INSTALL_LOCK_KEY = 0x70676E6574
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+log = logging.getLogger("pgnet_curl.install")
+
 TABLES = ("net.http_request_queue", "net._http_response")
+WAITING_FOR_SCHEMA = "waiting for the net schema: run pgnet-curl install"
 
 
 def sql_dir() -> Path:
@@ -47,6 +51,8 @@ def install_script(durable: bool = False) -> str:
     for _, name, text in migrations():
         parts.append(f"\n-- ==== {name} ====\n{text}")
     parts.append("\n" + _persistence_sql(durable))
+    # Delivered at commit: workers waiting for the schema (or serving a dropped one) look now.
+    parts.append(f"\nselect pg_notify('{db.CONTROL_CHANNEL}', 'installed');\n")
     parts.append("\ncommit;\n")
     return "".join(parts)
 
@@ -88,11 +94,25 @@ def install(dsn: str, durable: bool | None = None) -> int:
             if durable is None and _installed_version(conn) is not None:
                 durable = _is_logged(conn)
             conn.execute(install_script(bool(durable)).encode())
-            return _installed_version(conn)
+            version = _installed_version(conn)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise DatabaseUnavailable(f"lost the database while installing the net schema: {exc}") from exc
         except psycopg.Error as exc:
             raise SchemaError(f"could not install the net schema: {exc}") from exc
+        _declare_setting_names(conn)
+    return version
+
+
+def _declare_setting_names(conn: psycopg.Connection) -> None:
+    """Let `alter system set pg_net.*` work in any session on PostgreSQL 13-16 (a superuser only)."""
+    from .setting_names import declare
+
+    try:
+        declare(conn)
+    except psycopg.Error as exc:
+        log.warning("could not declare the pg_net.* names in postgresql.auto.conf (%s); "
+                    "ALTER SYSTEM for them needs set_config(name, '', false) first on PostgreSQL 13-16",
+                    str(exc).strip())
 
 
 def _is_logged(conn: psycopg.Connection) -> bool:

@@ -65,6 +65,13 @@ select pg_notify('pgnet_curl_wake', 'help');
 -- pg_net's settings, as pg_net reads them (NULL when unset).
 select current_setting('pg_net.batch_size', true), current_setting('pg_net.ttl', true);
 
+-- name: check
+-- Run by each worker every half second (settings_refresh_s):
+-- the queue table's oid (NULL while the net schema is missing, a new one after a drop and
+-- reinstall) and pg_net's settings as this session sees them after any pg_reload_conf().
+select to_regclass('net.http_request_queue')::oid,
+       current_setting('pg_net.batch_size', true), current_setting('pg_net.ttl', true);
+
 -- name: delete_expired
 -- Delete up to %(limit)s responses older than the TTL (small batches: short locks).
 delete from net._http_response
@@ -107,3 +114,17 @@ select application_name, host(client_addr), backend_start, state
 from pg_stat_activity
 where datname = current_database() and application_name like 'pgnet-curl worker%%'
 order by backend_start;
+
+-- name: is_superuser
+select current_setting('is_superuser') = 'on';
+
+-- name: configured_names
+-- Which of %(names)s some configuration file (postgresql.conf, postgresql.auto.conf) sets.
+select distinct name from pg_file_settings where name = any(%(names)s::text[]);
+
+-- name: declare_placeholder
+-- Make this session know a setting no loaded module defines, so ALTER SYSTEM accepts it (12-16).
+select set_config(%(name)s, '', false);
+
+-- name: reload_conf
+select pg_reload_conf();
