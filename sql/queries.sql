@@ -128,3 +128,10 @@ select set_config(%(name)s, '', false);
 
 -- name: reload_conf
 select pg_reload_conf();
+
+-- name: pg_net_target
+-- The database and role pg_net's worker would use: pg_net.database_name ('postgres' when
+-- unset) and pg_net.username (unset: the bootstrap superuser, the role with oid 10).
+select coalesce(nullif(current_setting('pg_net.database_name', true), ''), 'postgres'),
+       coalesce(nullif(current_setting('pg_net.username', true), ''),
+                (select rolname from pg_roles where oid = 10));

@@ -10,6 +10,7 @@ import sys
 import time
 
 import psycopg
+import psycopg.conninfo
 import pytest
 
 from helpers import wait_until
@@ -190,3 +191,33 @@ def test_a_database_setting_wins_over_the_system_one(db, db_dsn, serve, restored
     process = serve(db_dsn)
     wait_until(lambda: "batch_size=9" in process.log, message="the database's batch size")
     assert "batch_size=4" not in process.log
+
+
+def test_follow_pg_net_settings_serves_the_named_database_as_the_named_role(
+        db_dsn, empty_db_dsn, serve, restored_settings, http_server):
+    target_db = psycopg.conninfo.conninfo_to_dict(db_dsn)["dbname"]
+    role = "pgnet_follow_test"
+    with psycopg.connect(restored_settings.admin_dsn, autocommit=True) as admin:
+        admin.execute(f"drop role if exists {role}")
+        admin.execute(f"create role {role} login superuser")
+        alter_system(admin, "pg_net.database_name", target_db)
+        alter_system(admin, "pg_net.username", role)
+        admin.execute("select pg_reload_conf()")
+    process = serve(empty_db_dsn, "--follow-pg-net-settings", wait=False)
+    try:
+        with psycopg.connect(db_dsn, autocommit=True) as conn:
+            wait_until(lambda: conn.execute(
+                "select usename from pg_stat_activity where datname = current_database() "
+                "and application_name = 'pgnet-curl worker 1'").fetchone(), message="a worker in the named database")
+            assert conn.execute("select usename from pg_stat_activity where datname = current_database() "
+                                "and application_name = 'pgnet-curl worker 1'").fetchone()[0] == role
+            request_id = conn.execute("select net.http_get(%s)", (http_server.url_for("/echo"),)).fetchone()[0]
+            assert wait_answered(conn, request_id)[0] == 200
+        with psycopg.connect(empty_db_dsn, autocommit=True) as other:
+            assert other.execute("select count(*) from pg_stat_activity where datname = current_database() "
+                                 "and application_name like 'pgnet-curl worker%'").fetchone()[0] == 0
+        assert f"serving database {target_db} as role {role}" in process.log
+    finally:
+        process.kill()
+        with psycopg.connect(restored_settings.admin_dsn, autocommit=True) as admin:
+            admin.execute(f"drop role if exists {role}")
