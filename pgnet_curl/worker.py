@@ -19,11 +19,11 @@ import psycopg
 import pycurl
 
 from . import db, metrics
-from .schema import WAITING_FOR_SCHEMA
 from .curl_driver import CurlDriver
 from .errors import DatabaseUnavailable, PgnetCurlError, SchemaError
 from .model import Request, Response
 from .queue import Queue
+from .schema import WAITING_FOR_SCHEMA
 from .settings import Settings
 
 log = logging.getLogger("pgnet_curl.worker")
@@ -236,7 +236,8 @@ class Worker:
                 deadlines.append(self._next_ttl_sweep_s)
         if self.stopping:
             deadlines.append(self._drain_deadline_s)
-        if self.conn is not None and self.serving and self.want_claim and self._free_slots() >= self._min_claim() and not self.stopping:
+        claimable = self.conn is not None and self.serving and self.want_claim and not self.stopping
+        if claimable and self._free_slots() >= self._min_claim():
             deadlines.append(now)
         return max(0.0, min(deadlines) - now)
 
@@ -502,8 +503,9 @@ class Worker:
         return self._queue_oid is not None
 
     def _check_interval_s(self) -> float:
-        return min(self.settings.settings_refresh_s, SCHEMA_WAIT_CHECK_S) if not self.serving \
-            else self.settings.settings_refresh_s
+        if self.serving:
+            return self.settings.settings_refresh_s
+        return min(self.settings.settings_refresh_s, SCHEMA_WAIT_CHECK_S)
 
     def _check(self) -> int | None:
         """Re-read pg_net's settings; return the queue table's oid (None: no schema)."""
@@ -555,7 +557,8 @@ class Worker:
             if self._reload_requested or now >= self._next_check_s:
                 self._adopt_schema(self._check())
                 self._next_check_s = now + self._check_interval_s()
-            if not self.serving:
+            # A reinstall renews the session, which may fail: then the reconnect takes over.
+            if self.conn is None or not self.serving:
                 return
             if now >= self._next_poll_s:
                 self.want_claim = True
