@@ -17,6 +17,8 @@ class Request:
     timeout_ms: int
     attempts: int = 1
     created_epoch_s: float = 0.0
+    # The queue table's oid: which install of the net schema the request belongs to.
+    queue_oid: int = 0
 
 
 @dataclass(slots=True)

@@ -41,8 +41,8 @@ class Queue:
             ).fetchall()
         rows.sort()
         return [
-            Request(id, method, url, json.loads(headers), body, timeout_ms, attempts, created)
-            for id, method, url, headers, body, timeout_ms, attempts, created in rows
+            Request(id, method, url, json.loads(headers), body, timeout_ms, attempts, created, queue_oid)
+            for id, method, url, headers, body, timeout_ms, attempts, created, queue_oid in rows
         ]
 
     def write(self, responses: list[Response]) -> int:

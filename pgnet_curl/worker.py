@@ -304,6 +304,10 @@ class Worker:
         except PgnetCurlError as exc:
             self._on_db_error(exc)
             return
+        if requests and requests[0].queue_oid != self._queue_oid:
+            # Claimed from a reinstalled schema before its check or NOTIFY was seen: what is in
+            # flight now belongs to the dropped tables; these requests do not.
+            self._adopt_schema(requests[0].queue_oid)
         now_epoch_s = time.time()
         for request in requests:
             if request.attempts > 1:
@@ -469,9 +473,10 @@ class Worker:
     def _on_db_error(self, exc: PgnetCurlError) -> None:
         """Drop the connection and reconnect later; in-flight transfers carry on meanwhile.
 
-        A missing table is a dropped schema when the check agrees: then wait for it, connected.
+        An error from a dropped or reinstalled schema (a missing table, "cached plan must not
+        change result type") is no connection problem: when the check agrees, follow the schema.
         """
-        if isinstance(exc, SchemaError) and self.conn is not None and self.serving:
+        if not isinstance(exc, DatabaseUnavailable) and self.conn is not None and self.serving:
             try:
                 queue_oid = self._check()
                 if queue_oid != self._queue_oid:

@@ -5,6 +5,7 @@
 -- Take up to %(limit)s unleased (or lease-expired) requests, oldest first, without waiting
 -- for rows another worker is claiming. The lease covers the request's timeout plus a grace.
 -- `id = any(array(...))` keeps the update on the primary key (a join may seq-scan the queue).
+-- tableoid tells the worker which install of the schema the rows come from (see `check`).
 update net.http_request_queue
 set lease_owner = %(owner)s,
     lease_expires_at = clock_timestamp()
@@ -19,7 +20,7 @@ where id = any(array(
     for update skip locked
 ))
 returning id, method, url, headers::text, body, timeout_milliseconds,
-          attempts, extract(epoch from created_at)::float8;
+          attempts, extract(epoch from created_at)::float8, tableoid;
 
 -- name: write_back
 -- Store finished responses of the requests this worker still owns, and dequeue them, in one

@@ -42,9 +42,10 @@ def test_serve_waits_for_the_schema_and_serves_once_it_is_installed(empty_db_dsn
     port = free_port()
     process = serve(empty_db_dsn, "--metrics-port", str(port), "--metrics-host", "127.0.0.1", workers=2)
     health = f"http://127.0.0.1:{port}/healthz"
-    status, body = wait_until(lambda: (r := get(health)) and r[0] == 503 and "waiting_for_schema" in r[1] and r,
-                              message="healthz to report the wait")
-    assert json.loads(body)["reason"] == WAITING
+    expected = {"status": "unhealthy", "workers": 2, "alive": 2, "connected": 2, "waiting_for_schema": 2,
+                "reason": WAITING}
+    wait_until(lambda: (r := get(health)) and r[0] == 503 and json.loads(r[1]) == expected and r,
+               message="healthz to report both workers waiting")
     report = json.loads(subprocess.run(
         [sys.executable, "-m", "pgnet_curl", "status", "--dsn", empty_db_dsn, "--json"],
         capture_output=True, text=True, timeout=60, check=True).stdout)
@@ -81,7 +82,10 @@ def test_drop_and_reinstall_twenty_times_under_serve(db, db_dsn, serve, http_ser
         started_s = time.monotonic()
         request_id = db.execute("select net.http_get(%s)", (url,)).fetchone()[0]
         assert request_id == 1, "request ids restart at 1 after a reinstall, as with pg_net"
-        assert wait_answered(db, request_id)[0] == 200
+        try:
+            assert wait_answered(db, request_id)[0] == 200
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nserve's log:\n{process.log}") from None
         answer_s.append(time.monotonic() - started_s)
     print(f"\nanswer after reinstall: p50 {statistics.median(answer_s) * 1000:.1f} ms, "
           f"max {max(answer_s) * 1000:.1f} ms")
