@@ -25,9 +25,11 @@ def collect(dsn: str, minutes: int = 5) -> dict:
             version = schema.installed_version(conn)
             workers = conn.execute(sql["status_workers"]).fetchall()
             if version is None:
-                return {"database": dbname, "schema_version": None, "workers": _workers(workers),
-                        "verdict": f"DOWN: {schema.WAITING_FOR_SCHEMA} "
-                                   f"({len(workers)} workers connected and waiting)"}
+                if workers:
+                    down = f"DOWN: {schema.WAITING_FOR_SCHEMA} ({len(workers)} workers connected and waiting)"
+                else:
+                    down = "DOWN: no net schema and no worker connected: run pgnet-curl install"
+                return {"database": dbname, "schema_version": None, "workers": _workers(workers), "verdict": down}
             waiting, in_flight, oldest_s = conn.execute(sql["status_queue"]).fetchone()
             outcomes = dict(conn.execute(sql["status_outcomes"], {"minutes": minutes}).fetchall())
             batch_size, ttl = conn.execute(sql["read_settings"]).fetchone()

@@ -38,7 +38,14 @@ def reinstall(conn) -> None:
     conn.execute(schema.install_script().encode())
 
 
+def status_verdict(dsn: str) -> str:
+    return json.loads(subprocess.run(
+        [sys.executable, "-m", "pgnet_curl", "status", "--dsn", dsn, "--json"],
+        capture_output=True, text=True, timeout=60, check=True).stdout)["verdict"]
+
+
 def test_serve_waits_for_the_schema_and_serves_once_it_is_installed(empty_db_dsn, serve, http_server):
+    assert status_verdict(empty_db_dsn) == "DOWN: no net schema and no worker connected: run pgnet-curl install"
     port = free_port()
     process = serve(empty_db_dsn, "--metrics-port", str(port), "--metrics-host", "127.0.0.1", workers=2)
     health = f"http://127.0.0.1:{port}/healthz"
@@ -46,10 +53,7 @@ def test_serve_waits_for_the_schema_and_serves_once_it_is_installed(empty_db_dsn
                 "reason": WAITING}
     wait_until(lambda: (r := get(health)) and r[0] == 503 and json.loads(r[1]) == expected and r,
                message="healthz to report both workers waiting")
-    report = json.loads(subprocess.run(
-        [sys.executable, "-m", "pgnet_curl", "status", "--dsn", empty_db_dsn, "--json"],
-        capture_output=True, text=True, timeout=60, check=True).stdout)
-    assert report["verdict"] == f"DOWN: {WAITING} (2 workers connected and waiting)"
+    assert status_verdict(empty_db_dsn) == f"DOWN: {WAITING} (2 workers connected and waiting)"
 
     # Not synchronisation: waiting a while is how to see that nothing is logged meanwhile.
     time.sleep(1.5)
