@@ -136,7 +136,10 @@ def _serve_options(function):
               help="Serve /metrics and /healthz on this port (default: off).")
 @click.option("--metrics-host", default="0.0.0.0", envvar="PGNET_METRICS_HOST", show_envvar=True,
               show_default=True, help="Address for --metrics-port.")
-def serve(dsn, data_dir, install_schema, metrics_port, metrics_host, **tuning) -> None:
+@click.option("--follow-pg-net-settings", "follow_pg_net", is_flag=True, envvar="PGNET_FOLLOW_PG_NET_SETTINGS",
+              help="Serve the database and connect as the role that pg_net.database_name and "
+                   "pg_net.username name (read once at start), as pg_net's worker does.")
+def serve(dsn, data_dir, install_schema, metrics_port, metrics_host, follow_pg_net, **tuning) -> None:
     """Send the requests queued in the database and store their responses.
 
     With no DSN, starts an embedded PostgreSQL in --data-dir and serves that.
@@ -144,7 +147,7 @@ def serve(dsn, data_dir, install_schema, metrics_port, metrics_host, **tuning) -
     from .serve import serve as run_serve
 
     sys.exit(run_serve(dsn=dsn, data_dir=data_dir, install_schema=install_schema, tuning=tuning,
-                       metrics_host=metrics_host, metrics_port=metrics_port))
+                       metrics_host=metrics_host, metrics_port=metrics_port, follow_pg_net=follow_pg_net))
 
 
 def main() -> None:

@@ -42,6 +42,9 @@ workers_alive = Gauge(
     "pgnet_curl_workers_alive", "Worker processes running (set by the supervisor).", multiprocess_mode="livesum")
 worker_db_connected = Gauge(
     "pgnet_curl_worker_db_connected", "Workers holding a database connection.", multiprocess_mode="livesum")
+worker_waiting_for_schema = Gauge(
+    "pgnet_curl_worker_waiting_for_schema", "Workers connected but waiting for the net schema to be installed.",
+    multiprocess_mode="livesum")
 worker_restarts_total = Counter(
     "pgnet_curl_worker_restarts_total", "Worker processes restarted after dying.")
 db_reconnects_total = Counter(
@@ -59,7 +62,8 @@ METRIC_NAMES = frozenset({
     "pgnet_curl_requests_total", "pgnet_curl_http_duration_seconds", "pgnet_curl_queue_wait_seconds",
     "pgnet_curl_end_to_end_seconds", "pgnet_curl_write_batch_duration_seconds", "pgnet_curl_write_batch_size",
     "pgnet_curl_inflight_requests", "pgnet_curl_queue_depth", "pgnet_curl_queue_oldest_pending_seconds",
-    "pgnet_curl_workers_alive", "pgnet_curl_worker_db_connected", "pgnet_curl_worker_restarts_total", "pgnet_curl_db_reconnects_total",
+    "pgnet_curl_workers_alive", "pgnet_curl_worker_db_connected", "pgnet_curl_worker_waiting_for_schema",
+    "pgnet_curl_worker_restarts_total", "pgnet_curl_db_reconnects_total",
     "pgnet_curl_lease_reclaims_total", "pgnet_curl_lease_lost_total", "pgnet_curl_responses_expired_total",
     "pgnet_curl_retries_scheduled_total",
 })

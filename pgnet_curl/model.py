@@ -29,6 +29,8 @@ class Request:
     signing_key_id: str | None = None
     callback_oid: int | None = None
     requested_by: str | None = None
+    # The queue table's oid: which install of the net schema the request belongs to.
+    queue_oid: int = 0
 
 
 @dataclass(slots=True)

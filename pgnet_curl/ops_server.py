@@ -55,9 +55,9 @@ def start(host: str, port: int, health: HealthCheck) -> ThreadingHTTPServer:
     return server
 
 
-def connected_workers() -> int:
-    """Workers that currently hold a database connection, from their metric files."""
+def gauge_sum(name: str) -> int:
+    """A livesum gauge over every worker, from their metric files (e.g. workers connected)."""
     for family in collect_registry().collect():
-        if family.name == "pgnet_curl_worker_db_connected":
+        if family.name == name:
             return int(sum(sample.value for sample in family.samples))
     return 0

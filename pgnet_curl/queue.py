@@ -41,8 +41,9 @@ class Queue:
             ).fetchall()
         rows.sort()
         return [
-            Request(id, method, url, json.loads(headers), body, timeout_ms, attempts, created, *options)
-            for id, method, url, headers, body, timeout_ms, attempts, created, *options in rows
+            Request(id, method, url, json.loads(headers), body, timeout_ms, attempts, created, *options,
+                    queue_oid=queue_oid)
+            for id, method, url, headers, body, timeout_ms, attempts, created, *options, queue_oid in rows
         ]
 
     def write(self, responses: list[Response], notify_channel: str | None = None) -> int:
@@ -94,6 +95,11 @@ class Queue:
         """Return (pg_net.batch_size, pg_net.ttl) as the database has them, None when unset."""
         with database_errors("reading pg_net settings"):
             return self.conn.execute(self._sql["read_settings"]).fetchone()
+
+    def check(self) -> tuple[int | None, str | None, str | None]:
+        """Return (queue table oid or None when the schema is missing, pg_net.batch_size, pg_net.ttl)."""
+        with database_errors("checking the net schema and pg_net settings"):
+            return self.conn.execute(self._sql["check"]).fetchone()
 
     def delete_expired(self, ttl_s: float, limit: int) -> int:
         with database_errors("deleting expired responses"):

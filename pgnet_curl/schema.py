@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 from importlib import resources
@@ -19,8 +20,11 @@ from .redact import db_error_text
 # Serialises concurrent installs of the same database (any constant works; this spells "pgnet").
 INSTALL_LOCK_KEY = 0x70676E6574
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+log = logging.getLogger("pgnet_curl.install")
+
 # Tables made logged by --durable (unlogged by default, like pg_net's).
 TABLES = ("net.http_request_queue", "net._http_response", "net._http_request_archive")
+WAITING_FOR_SCHEMA = "waiting for the net schema: run pgnet-curl install"
 
 
 def sql_dir() -> Path:
@@ -61,6 +65,8 @@ def install_script(durable: bool = False, private: bool | None = None) -> str:
     parts.append("\n" + _persistence_sql(durable))
     # Last: privileges for every object, whichever file created it (sql/0004_privileges.sql).
     parts.append("select net._apply_privileges();\n")
+    # Delivered at commit: workers waiting for the schema (or serving a dropped one) look now.
+    parts.append(f"\nselect pg_notify('{db.CONTROL_CHANNEL}', 'installed');\n")
     parts.append("\ncommit;\n")
     return "".join(parts)
 
@@ -107,12 +113,26 @@ def install(dsn: str, durable: bool | None = None, private: bool | None = None,
             conn.execute(install_script(bool(durable), private).encode())
             if worker_role:
                 ensure_worker_role(conn, worker_role, worker_password)
-            return _installed_version(conn)
+            version = _installed_version(conn)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise DatabaseUnavailable(
                 f"lost the database while installing the net schema: {db_error_text(exc)}") from None
         except psycopg.Error as exc:
             raise SchemaError(f"could not install the net schema: {db_error_text(exc)}") from None
+        _declare_setting_names(conn)
+    return version
+
+
+def _declare_setting_names(conn: psycopg.Connection) -> None:
+    """Let `alter system set pg_net.*` work in any session on PostgreSQL 13-16 (a superuser only)."""
+    from .setting_names import declare
+
+    try:
+        declare(conn)
+    except psycopg.Error as exc:
+        log.warning("could not declare the pg_net.* names in postgresql.auto.conf (%s); "
+                    "ALTER SYSTEM for them needs set_config(name, '', false) first on PostgreSQL 13-16",
+                    db_error_text(exc))
 
 
 def ensure_worker_role(conn: psycopg.Connection, name: str, password: str | None = None) -> None:

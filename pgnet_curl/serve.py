@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from psycopg.conninfo import make_conninfo
+
 from . import db, metrics_dir, schema, settings as settings_module
 from .redact import safe_dsn
 
@@ -25,8 +27,23 @@ _FLAG_TO_SETTING = {
 }
 
 
+def follow_pg_net_settings(dsn: str) -> str:
+    """Return dsn aimed at the database and role pg_net.database_name / pg_net.username name."""
+    from .queue import queries
+
+    conn = db.connect(dsn, "pgnet-curl serve")
+    try:
+        with db.database_errors("reading pg_net.database_name and pg_net.username"):
+            dbname, user = conn.execute(queries()["pg_net_target"]).fetchone()
+    finally:
+        conn.close()
+    log.info("following pg_net's settings: serving database %s as role %s", dbname, user)
+    return make_conninfo(dsn, dbname=dbname, user=user)
+
+
 def serve(dsn: str | None, data_dir: str | None, install_schema: bool, tuning: dict,
-          metrics_host: str = "0.0.0.0", metrics_port: int | None = None) -> int:
+          metrics_host: str = "0.0.0.0", metrics_port: int | None = None,
+          follow_pg_net: bool = False) -> int:
     """Serve until stopped; return the exit code."""
     metrics_dir.prepare()
     from .supervisor import Supervisor  # after prepare(): it imports prometheus_client
@@ -44,6 +61,9 @@ def serve(dsn: str | None, data_dir: str | None, install_schema: bool, tuning: d
         worker_dsn = db.with_user(dsn, EMBEDDED_WORKER_ROLE)
         log.info("embedded PostgreSQL running in %s", embedded.data_dir)
     try:
+        if follow_pg_net:
+            # pg_net's worker connects as pg_net.username: so do ours, even with the embedded server.
+            dsn = worker_dsn = follow_pg_net_settings(dsn)
         if install_schema:
             version = schema.install(dsn, worker_role=EMBEDDED_WORKER_ROLE if embedded else None)
             log.info("net schema version %d installed", version)

@@ -37,8 +37,9 @@ class Settings:
     flush_interval_ms: float = 5.0
     # Safety poll for what a NOTIFY cannot announce (reconnects, expired leases, direct inserts).
     poll_interval_s: float = 5.0
-    # How often the pg_net.* settings are read again even without net.worker_restart().
-    settings_refresh_s: float = 60.0
+    # How often the pg_net.* settings are read again (pg_reload_conf() reaches the workers this
+    # fast), together with a check that the net schema is still the one being served.
+    settings_refresh_s: float = 0.5
     # How often responses older than the TTL are deleted, and how many per statement.
     ttl_sweep_interval_s: float = 30.0
     ttl_sweep_rows: int = 1000

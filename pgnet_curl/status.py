@@ -7,7 +7,8 @@ from datetime import datetime
 
 from . import db, schema
 from .queue import queries
-from .settings import DEFAULT_BATCH_SIZE, DEFAULT_TTL
+from .errors import ConfigError
+from .settings import DEFAULT_BATCH_SIZE, DEFAULT_TTL, parse_interval, parse_positive_int
 
 OUTCOMES = ("success", "http_4xx", "http_5xx", "timeout", "error")
 # Oldest waiting request older than this (seconds) reads as "behind".
@@ -22,12 +23,15 @@ def collect(dsn: str, minutes: int = 5) -> dict:
     try:
         with db.database_errors("reading status"):
             version = schema.installed_version(conn)
+            workers = conn.execute(sql["status_workers"]).fetchall()
             if version is None:
-                return {"database": dbname, "schema_version": None,
-                        "verdict": "no net schema: run pgnet-curl install"}
+                if workers:
+                    down = f"DOWN: {schema.WAITING_FOR_SCHEMA} ({len(workers)} workers connected and waiting)"
+                else:
+                    down = "DOWN: no net schema and no worker connected: run pgnet-curl install"
+                return {"database": dbname, "schema_version": None, "workers": _workers(workers), "verdict": down}
             waiting, in_flight, oldest_s = conn.execute(sql["status_queue"]).fetchone()
             outcomes = dict(conn.execute(sql["status_outcomes"], {"minutes": minutes}).fetchall())
-            workers = conn.execute(sql["status_workers"]).fetchall()
             batch_size, ttl = conn.execute(sql["read_settings"]).fetchone()
     finally:
         conn.close()
@@ -36,17 +40,23 @@ def collect(dsn: str, minutes: int = 5) -> dict:
         "schema_version": version,
         "queue": {"waiting": waiting, "in_flight": in_flight, "oldest_pending_s": oldest_s},
         "responses": {"minutes": minutes, **{name: outcomes.get(name, 0) for name in OUTCOMES}},
-        "workers": [
-            {"application_name": name, "client_addr": addr, "connected_since": started.isoformat(), "state": state}
-            for name, addr, started, state in workers
-        ],
+        "workers": _workers(workers),
         "settings": {
-            "pg_net.batch_size": batch_size or f"{DEFAULT_BATCH_SIZE} (default)",
-            "pg_net.ttl": ttl or f"{_human_interval(DEFAULT_TTL.total_seconds())} (default)",
+            "pg_net.batch_size": _setting_text(batch_size, str(DEFAULT_BATCH_SIZE), DEFAULT_BATCH_SIZE,
+                                               lambda text: parse_positive_int("pg_net.batch_size", text, 0)),
+            "pg_net.ttl": _setting_text(ttl, _human_interval(DEFAULT_TTL.total_seconds()), DEFAULT_TTL,
+                                        lambda text: parse_interval("pg_net.ttl", text, DEFAULT_TTL)),
         },
     }
     report["verdict"] = verdict(report)
     return report
+
+
+def _workers(rows: list[tuple]) -> list[dict]:
+    return [
+        {"application_name": name, "client_addr": addr, "connected_since": started.isoformat(), "state": state}
+        for name, addr, started, state in rows
+    ]
 
 
 def verdict(report: dict) -> str:
@@ -81,6 +91,16 @@ def render(report: dict, as_json: bool) -> str:
                      f"since {since} ({worker['state']})")
     lines.append("settings   " + ", ".join(f"{name}={value}" for name, value in report["settings"].items()))
     return "\n".join(lines)
+
+
+def _setting_text(raw: str | None, default_text: str, default, parse) -> str:
+    """Unset, or set to pg_net's default (`pgnet-curl install` declares it so on 13-16): '(default)'."""
+    if raw is None or raw.strip() == "":
+        return f"{default_text} (default)"
+    try:
+        return f"{raw} (default)" if parse(raw) == default else raw
+    except ConfigError as exc:
+        return f"{raw} (invalid: {exc})"
 
 
 def _human_interval(seconds: float) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from prometheus_client import multiprocess
 
 from . import db, metrics, ops_server, schema
-from .errors import PgnetCurlError, SchemaError
+from .errors import PgnetCurlError
 from .queue import Queue
 from .settings import Settings
 
@@ -53,16 +53,19 @@ class Supervisor:
         self.run_id = secrets.token_hex(4)
         self.restarts = 0
 
-    def check_database(self) -> int:
-        """Fail fast on a bad DSN or a missing schema; return the installed schema version."""
+    def check_database(self) -> int | None:
+        """Fail fast on a bad DSN; return the installed schema version, None while there is none.
+
+        Without a schema the workers start anyway and wait for it, as pg_net's worker runs
+        before `create extension`.
+        """
         conn = db.connect(self.settings.dsn, "pgnet-curl supervisor")
         try:
             version = schema.installed_version(conn)
         finally:
             conn.close()
         if version is None:
-            raise SchemaError("the net schema is not installed in this database; "
-                              "run `pgnet-curl install --dsn ...` or serve with --install")
+            log.warning("%s", schema.WAITING_FOR_SCHEMA)
         return version
 
     def run(self) -> int:
@@ -93,14 +96,19 @@ class Supervisor:
     def health(self) -> tuple[bool, dict]:
         """Healthy when every worker runs and holds its database connection."""
         alive = len(self._alive())
-        connected = ops_server.connected_workers()
+        connected = ops_server.gauge_sum("pgnet_curl_worker_db_connected")
+        waiting = ops_server.gauge_sum("pgnet_curl_worker_waiting_for_schema")
         details = {"workers": len(self.slots), "alive": alive, "connected": connected}
+        if waiting:
+            details["waiting_for_schema"] = waiting
         if self.stopping:
             return False, {**details, "reason": "shutting down"}
         if alive < len(self.slots):
             return False, {**details, "reason": f"{alive} of {len(self.slots)} workers running"}
         if connected < alive:
             return False, {**details, "reason": f"{connected} of {alive} workers connected to the database"}
+        if waiting:
+            return False, {**details, "reason": schema.WAITING_FOR_SCHEMA}
         return True, details
 
     def _alive(self) -> list[_Slot]:

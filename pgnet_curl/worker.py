@@ -19,13 +19,14 @@ import time
 import psycopg
 import pycurl
 
-from . import db, metrics, retry, schema, signing
+from . import db, metrics, retry, signing
 from .curl_driver import CurlDriver
 from .destination_policy import DestinationPolicy
 from .errors import DatabaseUnavailable, PgnetCurlError, SchemaError
 from .model import Request, Response
 from .queue import Queue
 from .redact import db_error_text, safe_url
+from .schema import WAITING_FOR_SCHEMA
 from .settings import Settings
 
 log = logging.getLogger("pgnet_curl.worker")
@@ -49,6 +50,10 @@ _HELP_INTERVAL_S = 0.05
 _REPEATED_STOP_AFTER_S = 2.0
 # TTL sweep: at most this many delete statements per sweep, so a sweep never stalls the loop.
 _TTL_SWEEP_MAX_STATEMENTS = 10
+# Signing keys are read again this often, besides on their NOTIFY and at connect.
+_SIGNING_KEYS_REFRESH_S = 60.0
+# While the net schema is missing, look for it this often (the install also NOTIFYs).
+SCHEMA_WAIT_CHECK_S = 0.5
 
 
 def lease_owner(hostname: str, run_id: str, pid: int) -> str:
@@ -81,6 +86,9 @@ class Worker:
         self.conn: psycopg.Connection | None = None
         self._db_fd = -1
         self.queue: Queue | None = None
+        # The queue table's oid while the schema is there; None while waiting for it. A new oid
+        # means a drop and reinstall: the requests in flight belong to a table that is gone.
+        self._queue_oid: int | None = None
         self._reconnect_at_s = 0.0
         self._reconnect_delay_s = RECONNECT_MIN_S
         self.pending: list[Response] = []
@@ -99,7 +107,7 @@ class Worker:
         self._drain_deadline_s = 0.0
         now = time.monotonic()
         self._next_poll_s = now + settings.poll_interval_s
-        self._next_settings_s = now + settings.settings_refresh_s
+        self._next_check_s = now + settings.settings_refresh_s
         self._next_ttl_sweep_s = now
         self.tally = metrics.Tally()
         self._next_metrics_flush_s = 0.0
@@ -107,6 +115,7 @@ class Worker:
         # (key_id, secret, expiry epoch or None) of the signing keys, read at connect and on change.
         self._signing_keys: list[tuple[str, bytes, float | None]] = []
         self._next_keys_reread_s = 0.0
+        self._next_keys_s = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -114,11 +123,8 @@ class Worker:
         """Serve until SIGTERM/SIGINT and a drain; return the process exit code."""
         self._install_signal_handlers()
         self._connect()
-        if self.conn is None and isinstance(self._last_connect_error, SchemaError):
-            log.error("%s", self._last_connect_error)
-            return SchemaError.exit_code
-        log.info("worker %d started (pid %d, max_inflight=%d, batch_size=%d)", self.index, os.getpid(),
-                 self.settings.max_inflight, self.settings.batch_size)
+        log.info("worker %d started (pid %d, max_inflight=%d, batch_size=%d, ttl=%s)", self.index, os.getpid(),
+                 self.settings.max_inflight, self.settings.batch_size, self.settings.ttl)
         try:
             while not self._finished():
                 self._step()
@@ -149,7 +155,7 @@ class Worker:
 
     def _shutdown(self) -> None:
         unfinished = self.driver.abort_all()
-        if self.conn is not None:
+        if self.conn is not None and self.serving:
             try:
                 if self.pending:
                     self._flush(everything=True)
@@ -214,6 +220,9 @@ class Worker:
             return
         if self.tally.pending and now >= self._next_metrics_flush_s:
             self._publish_metrics(now)
+        if not self.serving:
+            self._periodic(now)
+            return
         # Each step may lose the connection; the next ones then wait for the reconnect.
         for step in (self._maybe_flush, self._periodic, self._maybe_claim):
             if self.conn is None:
@@ -248,12 +257,15 @@ class Worker:
         if self.conn is None:
             deadlines.append(self._reconnect_at_s)
         else:
-            deadlines.extend((self._next_settings_s, self._next_ttl_sweep_s))
+            deadlines.append(self._next_check_s)
+            if self.serving:
+                deadlines.append(self._next_ttl_sweep_s)
         if self.stopping:
             deadlines.append(self._drain_deadline_s)
         if self._retries_due_s:
             deadlines.append(self._retries_due_s[0])
-        if self.want_claim and self._free_slots() >= self._min_claim() and not self.stopping:
+        claimable = self.conn is not None and self.serving and self.want_claim and not self.stopping
+        if claimable and self._free_slots() >= self._min_claim():
             deadlines.append(now)
         return max(0.0, min(deadlines) - now)
 
@@ -320,6 +332,10 @@ class Worker:
         except PgnetCurlError as exc:
             self._on_db_error(exc)
             return
+        if requests and requests[0].queue_oid != self._queue_oid:
+            # Claimed from a reinstalled schema before its check or NOTIFY was seen: what is in
+            # flight now belongs to the dropped tables; these requests do not.
+            self._adopt_schema(requests[0].queue_oid)
         now_epoch_s = time.time()
         for request in requests:
             if request.attempts > 1:
@@ -456,7 +472,7 @@ class Worker:
         """Write a batch; if the database refuses it, write row by row so one bad row loses nothing."""
         try:
             return self.queue.write(batch, self.settings.notify_channel)
-        except DatabaseUnavailable:
+        except (DatabaseUnavailable, SchemaError):
             raise
         except PgnetCurlError as exc:
             if len(batch) == 1:
@@ -500,6 +516,8 @@ class Worker:
             self._restart_requested = True
         elif notify.channel == db.CONTROL_CHANNEL and notify.payload == "signing_keys":
             self._reload_keys_requested = True
+        elif notify.channel == db.CONTROL_CHANNEL and notify.payload == "installed":
+            self._next_check_s = 0.0
 
     _last_connect_error: PgnetCurlError | None = None
 
@@ -512,10 +530,9 @@ class Worker:
             return
         queue = Queue(conn, self.owner)
         try:
-            if schema.installed_version(conn) is None:
-                raise SchemaError("the net schema is not installed; run: pgnet-curl install --dsn ...")
-            self.settings = self.settings.with_database_values(*queue.read_settings())
-            self._signing_keys = queue.signing_keys()
+            queue_oid, batch_size, ttl = queue.check()
+            self.settings = self.settings.with_database_values(batch_size, ttl)
+            self._signing_keys = queue.signing_keys() if queue_oid is not None else []
         except PgnetCurlError as exc:
             conn.close()
             self._last_connect_error = exc
@@ -534,6 +551,8 @@ class Worker:
         self.want_claim = True
         # Responses finished while we were away are written now (those whose lease held).
         self._oldest_pending_s = 0.0
+        self._next_check_s = time.monotonic() + self._check_interval_s()
+        self._adopt_schema(queue_oid, fresh_session=True)
 
     def _schedule_reconnect(self, exc: PgnetCurlError) -> None:
         delay_s = self._reconnect_delay_s * random.uniform(0.8, 1.2)
@@ -542,7 +561,19 @@ class Worker:
         self._reconnect_delay_s = min(self._reconnect_delay_s * 2, RECONNECT_MAX_S)
 
     def _on_db_error(self, exc: PgnetCurlError) -> None:
-        """Drop the connection and reconnect later; in-flight transfers carry on meanwhile."""
+        """Drop the connection and reconnect later; in-flight transfers carry on meanwhile.
+
+        An error from a dropped or reinstalled schema (a missing table, "cached plan must not
+        change result type") is no connection problem: when the check agrees, follow the schema.
+        """
+        if not isinstance(exc, DatabaseUnavailable) and self.conn is not None and self.serving:
+            try:
+                queue_oid = self._check()
+                if queue_oid != self._queue_oid:
+                    self._adopt_schema(queue_oid)
+                    return
+            except PgnetCurlError as check_exc:
+                exc = check_exc
         self.stats["reconnects"] += 1
         metrics.db_reconnects_total.inc()
         self._disconnect()
@@ -559,6 +590,56 @@ class Worker:
             pass
         self.conn = self.queue = None
         metrics.worker_db_connected.set(0)
+        metrics.worker_waiting_for_schema.set(0)
+
+    @property
+    def serving(self) -> bool:
+        """Connected with the net schema there (not waiting for an install)."""
+        return self._queue_oid is not None
+
+    def _check_interval_s(self) -> float:
+        if self.serving:
+            return self.settings.settings_refresh_s
+        return min(self.settings.settings_refresh_s, SCHEMA_WAIT_CHECK_S)
+
+    def _check(self) -> int | None:
+        """Re-read pg_net's settings; return the queue table's oid (None: no schema)."""
+        queue_oid, batch_size, ttl = self.queue.check()
+        before = self.settings
+        self.settings = self.settings.with_database_values(batch_size, ttl)
+        if self._reload_requested or self.settings != before:
+            log.info("worker %d settings: batch_size=%d ttl=%s", self.index, self.settings.batch_size,
+                     self.settings.ttl)
+            self.want_claim = True
+        self._reload_requested = False
+        return queue_oid
+
+    def _adopt_schema(self, queue_oid: int | None, fresh_session: bool = False) -> None:
+        """Follow the schema appearing, disappearing, or being dropped and installed again."""
+        changed = queue_oid != self._queue_oid
+        self._queue_oid, was = queue_oid, self._queue_oid
+        metrics.worker_waiting_for_schema.set(0 if self.serving else 1)
+        if not changed:
+            return
+        # Only worker 1 tells: one line per change, not one per worker.
+        say = log.info if self.index == 1 else log.debug
+        if was is not None:
+            lost = len(self.driver.abort_all()) + len(self.pending)
+            self.pending.clear()
+            if lost:
+                log.warning("worker %d: the net schema was dropped with %d requests in flight or unwritten; "
+                            "they are gone with it", self.index, lost)
+        if queue_oid is None:
+            say("%s (the schema was dropped)", WAITING_FOR_SCHEMA)
+        else:
+            say("net schema %s: serving", "found" if was is None else "installed again")
+        self.want_claim = self.serving
+        self._next_check_s = time.monotonic() + self._check_interval_s()
+        if self.serving and not fresh_session:
+            # This session's prepared statements return the dropped schema's types ("cached
+            # plan must not change result type"): a new session starts clean, as pg_net's does.
+            self._disconnect()
+            self._connect()
 
     # ---- housekeeping ----------------------------------------------------------------------
 
@@ -572,17 +653,20 @@ class Worker:
                 heapq.heappop(self._retries_due_s)
             self.want_claim = True
         try:
+            if self._reload_requested or now >= self._next_check_s:
+                self._adopt_schema(self._check())
+                self._next_check_s = now + self._check_interval_s()
+            # A reinstall renews the session, which may fail: then the reconnect takes over.
+            if self.conn is None or not self.serving:
+                return
             if now >= self._next_poll_s:
                 self.want_claim = True
                 self._next_poll_s = now + self.settings.poll_interval_s
                 if self.index == 1:
                     self._sample_queue()
-            if self._reload_requested or now >= self._next_settings_s:
-                self._reload_settings()
-                self._next_settings_s = now + self.settings.settings_refresh_s
-                self._reload_keys_requested = True
-            if self._reload_keys_requested:
+            if self._reload_keys_requested or now >= self._next_keys_s:
                 self._reload_keys_requested = False
+                self._next_keys_s = now + _SIGNING_KEYS_REFRESH_S
                 self._signing_keys = self.queue.signing_keys()
             if now >= self._next_ttl_sweep_s:
                 self._sweep_expired()
@@ -607,15 +691,6 @@ class Worker:
         if self.conn is not None:
             log.info("worker %d settings: batch_size=%d ttl=%s", self.index, self.settings.batch_size,
                      self.settings.ttl)
-
-    def _reload_settings(self) -> None:
-        requested, self._reload_requested = self._reload_requested, False
-        before = self.settings
-        self.settings = self.settings.with_database_values(*self.queue.read_settings())
-        if requested or self.settings != before:
-            log.info("worker %d settings: batch_size=%d ttl=%s", self.index, self.settings.batch_size,
-                     self.settings.ttl)
-        self.want_claim = True
 
     def _sample_queue(self) -> None:
         """Queue depth and oldest pending age, sampled at the poll by one worker (not per request)."""

@@ -6,6 +6,7 @@
 -- for rows another worker is claiming; a retry waits for its not_before. The lease covers the
 -- request's timeout plus a grace.
 -- `id = any(array(...))` keeps the update on the primary key (a join may seq-scan the queue).
+-- tableoid tells the worker which install of the schema the rows come from (see `check`).
 update net.http_request_queue
 set lease_owner = %(owner)s,
     lease_expires_at = clock_timestamp()
@@ -23,7 +24,7 @@ where id = any(array(
 returning id, method, url, headers::text, body, timeout_milliseconds,
           attempts, extract(epoch from created_at)::float8,
           retries, max_retries, retry_backoff_ms, notify_channel is not null or callback is not null,
-          idempotency_key, signing_key_id, callback::oid, requested_by;
+          idempotency_key, signing_key_id, callback::oid, requested_by, tableoid;
 
 -- name: write_back
 -- Store finished responses of the requests this worker still owns and dequeue them, or put
@@ -112,6 +113,13 @@ select pg_notify('pgnet_curl_wake', 'help');
 -- pg_net's settings, as pg_net reads them (NULL when unset).
 select current_setting('pg_net.batch_size', true), current_setting('pg_net.ttl', true);
 
+-- name: check
+-- Run by each worker every half second (settings_refresh_s):
+-- the queue table's oid (NULL while the net schema is missing, a new one after a drop and
+-- reinstall) and pg_net's settings as this session sees them after any pg_reload_conf().
+select to_regclass('net.http_request_queue')::oid,
+       current_setting('pg_net.batch_size', true), current_setting('pg_net.ttl', true);
+
 -- name: delete_expired
 -- Delete up to %(limit)s responses older than the TTL (small batches: short locks).
 delete from net._http_response
@@ -163,3 +171,24 @@ select application_name, host(client_addr), backend_start, state
 from pg_stat_activity
 where datname = current_database() and application_name like 'pgnet-curl worker%%'
 order by backend_start;
+
+-- name: is_superuser
+select current_setting('is_superuser') = 'on';
+
+-- name: configured_names
+-- Which of %(names)s some configuration file (postgresql.conf, postgresql.auto.conf) sets.
+select distinct name from pg_file_settings where name = any(%(names)s::text[]);
+
+-- name: declare_placeholder
+-- Make this session know a setting no loaded module defines, so ALTER SYSTEM accepts it (12-16).
+select set_config(%(name)s, '', false);
+
+-- name: reload_conf
+select pg_reload_conf();
+
+-- name: pg_net_target
+-- The database and role pg_net's worker would use: pg_net.database_name ('postgres' when
+-- unset) and pg_net.username (unset: the bootstrap superuser, the role with oid 10).
+select coalesce(nullif(current_setting('pg_net.database_name', true), ''), 'postgres'),
+       coalesce(nullif(current_setting('pg_net.username', true), ''),
+                (select rolname from pg_roles where oid = 10));

@@ -184,7 +184,7 @@ def test_graceful_shutdown_under_load_then_restart_loses_nothing(db_dsn, serve, 
     assert wait_all_answered(db_dsn, total) == (total, total, 0)
 
 
-def test_idle_worker_runs_only_its_safety_poll(db_dsn, serve):
+def test_idle_worker_runs_only_its_safety_poll_and_check(db_dsn, serve):
     serve(db_dsn, "--poll-interval", "1")
     with psycopg.connect(db_dsn, autocommit=True) as conn:
         time.sleep(1)  # let start-up queries (settings, TTL sweep) pass
@@ -195,8 +195,9 @@ def test_idle_worker_runs_only_its_safety_poll(db_dsn, serve):
                 "select state_change from pg_stat_activity where datname = current_database() "
                 "and application_name = 'pgnet-curl worker 1'").fetchall())
             time.sleep(0.005)
-    # One poll a second, each a claim and a queue sample: about 8 statements in 4 s.
-    assert 2 <= len(seen) <= 14, len(seen)
+    # One poll a second, each a claim and a queue sample, and the schema/settings check every
+    # 0.5 s (pg_reload_conf() reaches the worker that fast): about 16 statements in 4 s.
+    assert 2 <= len(seen) <= 24, len(seen)
 
 
 @pytest.mark.slow
