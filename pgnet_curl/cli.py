@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -126,7 +127,11 @@ def _serve_options(function):
 
 
 @cli.command()
-@dsn_option(required=False)
+@click.option("--dsn", "dsns", multiple=True, metavar="DSN",
+              help="A database to serve (repeatable: one serve for several databases). "
+                   "Default: PGNET_DSN or DATABASE_URL, else the embedded PostgreSQL.")
+@click.option("--dsn-file", type=click.Path(dir_okay=False), envvar="PGNET_DSN_FILE", show_envvar=True,
+              help="A file of databases to serve, one DSN per line (# comments).")
 @_serve_options
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="PGNET_DATA_DIR", show_envvar=True,
               help="Where the embedded PostgreSQL keeps its data when no DSN is given.")
@@ -139,14 +144,18 @@ def _serve_options(function):
 @click.option("--follow-pg-net-settings", "follow_pg_net", is_flag=True, envvar="PGNET_FOLLOW_PG_NET_SETTINGS",
               help="Serve the database and connect as the role that pg_net.database_name and "
                    "pg_net.username name (read once at start), as pg_net's worker does.")
-def serve(dsn, data_dir, install_schema, metrics_port, metrics_host, follow_pg_net, **tuning) -> None:
-    """Send the requests queued in the database and store their responses.
+def serve(dsns, dsn_file, data_dir, install_schema, metrics_port, metrics_host, follow_pg_net, **tuning) -> None:
+    """Send the requests queued in the database(s) and store their responses.
 
     With no DSN, starts an embedded PostgreSQL in --data-dir and serves that.
     """
-    from .serve import serve as run_serve
+    from .serve import read_dsn_file, serve as run_serve
 
-    sys.exit(run_serve(dsn=dsn, data_dir=data_dir, install_schema=install_schema, tuning=tuning,
+    dsns = list(dsns) + (read_dsn_file(dsn_file) if dsn_file else [])
+    if not dsns:
+        # One DSN each: a keyword DSN holds spaces, so these are never split.
+        dsns = [value for value in (os.environ.get(name) for name in DSN_ENVVARS) if value][:1]
+    sys.exit(run_serve(dsns=dsns, data_dir=data_dir, install_schema=install_schema, tuning=tuning,
                        metrics_host=metrics_host, metrics_port=metrics_port, follow_pg_net=follow_pg_net))
 
 

@@ -1,7 +1,8 @@
 """Prometheus metrics, in multiprocess mode: workers record, the supervisor serves the sum.
 
 Import this only after metrics_dir.prepare() (prometheus_client picks its storage on import).
-No URL, header or body ever becomes a label (cardinality, secrets).
+No URL, header or body ever becomes a label (cardinality, secrets). Every metric has a
+`database` label: one serve may serve several databases (DatabaseMetrics binds it).
 """
 
 from __future__ import annotations
@@ -15,48 +16,48 @@ _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 requests_total = Counter(
     "pgnet_curl_requests_total", "Requests finished, by method and outcome "
-    "(success: 1xx-3xx; http_4xx; http_5xx; timeout; error).", ["method", "outcome"])
+    "(success: 1xx-3xx; http_4xx; http_5xx; timeout; error).", ["database", "method", "outcome"])
 http_duration_seconds = Histogram(
     "pgnet_curl_http_duration_seconds", "Time from handing a request to curl to its end.",
-    buckets=_LATENCY_BUCKETS_S)
+    buckets=_LATENCY_BUCKETS_S, labelnames=["database"])
 queue_wait_seconds = Histogram(
     "pgnet_curl_queue_wait_seconds", "Time from a request's transaction start to its claim.",
-    buckets=_LATENCY_BUCKETS_S)
+    buckets=_LATENCY_BUCKETS_S, labelnames=["database"])
 end_to_end_seconds = Histogram(
     "pgnet_curl_end_to_end_seconds", "Time from a request's transaction start to its response row.",
-    buckets=_LATENCY_BUCKETS_S)
+    buckets=_LATENCY_BUCKETS_S, labelnames=["database"])
 write_batch_duration_seconds = Histogram(
     "pgnet_curl_write_batch_duration_seconds", "Duration of one write-back statement.",
-    buckets=_LATENCY_BUCKETS_S)
+    buckets=_LATENCY_BUCKETS_S, labelnames=["database"])
 write_batch_size = Histogram(
-    "pgnet_curl_write_batch_size", "Responses written by one write-back statement.", buckets=_BATCH_BUCKETS)
+    "pgnet_curl_write_batch_size", "Responses written by one write-back statement.", buckets=_BATCH_BUCKETS, labelnames=["database"])
 inflight_requests = Gauge(
-    "pgnet_curl_inflight_requests", "Requests in flight (summed over workers).", multiprocess_mode="livesum")
+    "pgnet_curl_inflight_requests", "Requests in flight (summed over workers).", multiprocess_mode="livesum", labelnames=["database"])
 queue_depth = Gauge(
     "pgnet_curl_queue_depth", "Requests waiting or in flight in net.http_request_queue (sampled).",
-    multiprocess_mode="livemostrecent")
+    multiprocess_mode="livemostrecent", labelnames=["database"])
 queue_oldest_pending_seconds = Gauge(
     "pgnet_curl_queue_oldest_pending_seconds", "Age of the oldest request not yet answered (sampled).",
-    multiprocess_mode="livemostrecent")
+    multiprocess_mode="livemostrecent", labelnames=["database"])
 workers_alive = Gauge(
-    "pgnet_curl_workers_alive", "Worker processes running (set by the supervisor).", multiprocess_mode="livesum")
+    "pgnet_curl_workers_alive", "Worker processes running (set by the supervisor).", multiprocess_mode="livesum", labelnames=["database"])
 worker_db_connected = Gauge(
-    "pgnet_curl_worker_db_connected", "Workers holding a database connection.", multiprocess_mode="livesum")
+    "pgnet_curl_worker_db_connected", "Workers holding a database connection.", multiprocess_mode="livesum", labelnames=["database"])
 worker_waiting_for_schema = Gauge(
     "pgnet_curl_worker_waiting_for_schema", "Workers connected but waiting for the net schema to be installed.",
-    multiprocess_mode="livesum")
+    multiprocess_mode="livesum", labelnames=["database"])
 worker_restarts_total = Counter(
-    "pgnet_curl_worker_restarts_total", "Worker processes restarted after dying.")
+    "pgnet_curl_worker_restarts_total", "Worker processes restarted after dying.", labelnames=["database"])
 db_reconnects_total = Counter(
-    "pgnet_curl_db_reconnects_total", "Database connections lost and re-established by workers.")
+    "pgnet_curl_db_reconnects_total", "Database connections lost and re-established by workers.", labelnames=["database"])
 lease_reclaims_total = Counter(
-    "pgnet_curl_lease_reclaims_total", "Requests claimed again after another worker's lease expired.")
+    "pgnet_curl_lease_reclaims_total", "Requests claimed again after another worker's lease expired.", labelnames=["database"])
 lease_lost_total = Counter(
-    "pgnet_curl_lease_lost_total", "Responses not written because the lease had passed to another worker.")
+    "pgnet_curl_lease_lost_total", "Responses not written because the lease had passed to another worker.", labelnames=["database"])
 retries_scheduled_total = Counter(
-    "pgnet_curl_retries_scheduled_total", "Transient failures put back in the queue for another attempt.")
+    "pgnet_curl_retries_scheduled_total", "Transient failures put back in the queue for another attempt.", labelnames=["database"])
 responses_expired_total = Counter(
-    "pgnet_curl_responses_expired_total", "Responses deleted after pg_net.ttl.")
+    "pgnet_curl_responses_expired_total", "Responses deleted after pg_net.ttl.", labelnames=["database"])
 
 METRIC_NAMES = frozenset({
     "pgnet_curl_requests_total", "pgnet_curl_http_duration_seconds", "pgnet_curl_queue_wait_seconds",
@@ -118,14 +119,32 @@ class _LocalHistogram:
             self._sum = 0.0
 
 
+class DatabaseMetrics:
+    """Every metric with its database label set: what one worker (one database) records."""
+
+    def __init__(self, database: str):
+        self.database = database
+        for name in ("http_duration_seconds", "queue_wait_seconds", "end_to_end_seconds",
+                     "write_batch_duration_seconds", "write_batch_size", "inflight_requests", "queue_depth",
+                     "queue_oldest_pending_seconds", "workers_alive", "worker_db_connected",
+                     "worker_waiting_for_schema", "worker_restarts_total", "db_reconnects_total",
+                     "lease_reclaims_total", "lease_lost_total", "retries_scheduled_total",
+                     "responses_expired_total"):
+            setattr(self, name, globals()[name].labels(database=database))
+
+    def requests(self, method: str, result: str):
+        return requests_total.labels(self.database, method, result)
+
+
 class Tally:
     """A worker's per-request observations, published to the shared metrics by flush()."""
 
-    def __init__(self):
+    def __init__(self, bound: DatabaseMetrics):
+        self._bound = bound
         self._requests: dict[tuple[str, str], int] = {}
-        self._http_duration = _LocalHistogram(http_duration_seconds)
-        self._queue_wait = _LocalHistogram(queue_wait_seconds)
-        self._end_to_end = _LocalHistogram(end_to_end_seconds)
+        self._http_duration = _LocalHistogram(bound.http_duration_seconds)
+        self._queue_wait = _LocalHistogram(bound.queue_wait_seconds)
+        self._end_to_end = _LocalHistogram(bound.end_to_end_seconds)
         # True when something was observed since the last flush.
         self.pending = False
 
@@ -145,7 +164,7 @@ class Tally:
 
     def flush(self) -> None:
         for (method, result), count in self._requests.items():
-            requests_total.labels(method, result).inc(count)
+            self._bound.requests(method, result).inc(count)
         self._requests.clear()
         for histogram in (self._http_duration, self._queue_wait, self._end_to_end):
             histogram.flush()

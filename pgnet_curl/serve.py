@@ -7,9 +7,10 @@ from pathlib import Path
 
 import click
 
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from . import db, metrics_dir, schema, settings as settings_module
+from .errors import ConfigError
 from .redact import safe_dsn
 
 log = logging.getLogger("pgnet_curl.serve")
@@ -41,39 +42,65 @@ def follow_pg_net_settings(dsn: str) -> str:
     return make_conninfo(dsn, dbname=dbname, user=user)
 
 
-def serve(dsn: str | None, data_dir: str | None, install_schema: bool, tuning: dict,
+def database_labels(dsns: list[str]) -> list[str]:
+    """Name each database for metrics and logs: its dbname, with host:port where that repeats."""
+    parts = []
+    for dsn in dsns:
+        params = conninfo_to_dict(dsn)
+        parts.append((params.get("dbname") or params.get("user") or "postgres",
+                      f"{params.get('host', 'localhost')}:{params.get('port', '5432')}"))
+    names = [name for name, _ in parts]
+    labels = [name if names.count(name) == 1 else f"{name}@{where}" for name, where in parts]
+    if len(set(labels)) < len(labels):
+        raise ConfigError("the same database is named twice (--dsn / --dsn-file)")
+    return labels
+
+
+def read_dsn_file(path: str) -> list[str]:
+    """One DSN per line; blank lines and lines starting with # are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"--dsn-file {path}: {exc.strerror}") from None
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def serve(dsns: list[str], data_dir: str | None, install_schema: bool, tuning: dict,
           metrics_host: str = "0.0.0.0", metrics_port: int | None = None,
           follow_pg_net: bool = False) -> int:
-    """Serve until stopped; return the exit code."""
+    """Serve every database in dsns (the embedded one when there is none) until stopped."""
     metrics_dir.prepare()
     from .supervisor import Supervisor  # after prepare(): it imports prometheus_client
 
     values = {_FLAG_TO_SETTING.get(name, name): value for name, value in tuning.items()}
     embedded = None
-    worker_dsn = dsn
-    if not dsn:
+    worker_dsns = list(dsns)
+    if not dsns:
         from .embedded import EmbeddedPostgres, default_data_dir
 
         embedded = EmbeddedPostgres(Path(data_dir) if data_dir else default_data_dir())
-        dsn = embedded.start()
+        dsns = [embedded.start()]
         install_schema = True
         # The workers log in as an unprivileged member of pgnet_worker, not as the superuser.
-        worker_dsn = db.with_user(dsn, EMBEDDED_WORKER_ROLE)
+        worker_dsns = [db.with_user(dsns[0], EMBEDDED_WORKER_ROLE)]
         log.info("embedded PostgreSQL running in %s", embedded.data_dir)
     try:
         if follow_pg_net:
             # pg_net's worker connects as pg_net.username: so do ours, even with the embedded server.
-            dsn = worker_dsn = follow_pg_net_settings(dsn)
+            dsns = worker_dsns = [follow_pg_net_settings(dsn) for dsn in dsns]
         if install_schema:
-            version = schema.install(dsn, worker_role=EMBEDDED_WORKER_ROLE if embedded else None)
-            log.info("net schema version %d installed", version)
-        settings = settings_module.build(dsn=worker_dsn, **values)
-        log.info("outgoing requests: %s", settings_module.describe_transport(settings))
-        supervisor = Supervisor(settings, metrics_host, metrics_port)
+            for dsn in dsns:
+                version = schema.install(dsn, worker_role=EMBEDDED_WORKER_ROLE if embedded else None)
+                log.info("net schema version %d installed in %s", version, safe_dsn(dsn))
+        databases = {label: settings_module.build(dsn=dsn, **values)
+                     for label, dsn in zip(database_labels(worker_dsns), worker_dsns)}
+        log.info("outgoing requests: %s", settings_module.describe_transport(next(iter(databases.values()))))
+        supervisor = Supervisor(databases, metrics_host, metrics_port)
         supervisor.check_database()
-        log.info("serving database %s", safe_dsn(worker_dsn))
+        for label, settings in databases.items():
+            log.info("serving database %s (%s)", label, safe_dsn(settings.dsn))
         if embedded:
-            click.echo(f"\nConnect with:  psql {dsn}\n"
+            click.echo(f"\nConnect with:  psql {dsns[0]}\n"
                        f"Try:           select net.http_get('http://127.0.0.1:PORT/');\n", err=True)
         return supervisor.run()
     finally:

@@ -29,9 +29,11 @@ KILL_MARGIN_S = 5.0
 
 @dataclass
 class _Slot:
-    """One worker position: the process filling it now and its restart history."""
+    """One worker position: its database, the process filling it now and its restart history."""
 
     index: int
+    database: str
+    settings: Settings
     pid: int | None = None
     started_s: float = 0.0
     failures: int = 0
@@ -39,34 +41,54 @@ class _Slot:
 
 
 class Supervisor:
-    """Keep settings.workers worker processes running until told to stop."""
+    """Keep settings.workers worker processes running for each database until told to stop.
 
-    def __init__(self, settings: Settings, metrics_host: str = "0.0.0.0", metrics_port: int | None = None):
-        self.settings = settings
+    databases maps a label (for metrics and logs) to that database's settings; every database
+    gets its own workers, connections and settings, so one that is down or lacks the schema
+    holds back no other.
+    """
+
+    def __init__(self, databases: dict[str, Settings], metrics_host: str = "0.0.0.0",
+                 metrics_port: int | None = None):
+        self.databases = databases
+        # Shared by all: the process-wide settings (drain timeout, worker count) are the same.
+        self.settings = next(iter(databases.values()))
         self.metrics_host = metrics_host
         self.metrics_port = metrics_port
         self._ops_server = None
-        self.slots = [_Slot(index) for index in range(1, settings.workers + 1)]
+        self.slots = [_Slot(index, label, settings)
+                      for label, settings in databases.items() for index in range(1, settings.workers + 1)]
+        self._alive_gauges = {label: metrics.workers_alive.labels(database=label) for label in databases}
         self.stopping = False
         self._kill_at_s = 0.0
         # Workers' lease owner names are hostname:run_id:pid, so a dead child's leases can be named.
         self.run_id = secrets.token_hex(4)
         self.restarts = 0
 
-    def check_database(self) -> int | None:
-        """Fail fast on a bad DSN; return the installed schema version, None while there is none.
+    def check_database(self) -> dict[str, int | None]:
+        """Fail fast on a bad DSN when serving one database; return {label: schema version}.
 
         Without a schema the workers start anyway and wait for it, as pg_net's worker runs
-        before `create extension`.
+        before `create extension`. Of several databases, one that cannot be reached now is
+        served when it can be (its workers reconnect with backoff).
         """
-        conn = db.connect(self.settings.dsn, "pgnet-curl supervisor")
-        try:
-            version = schema.installed_version(conn)
-        finally:
-            conn.close()
-        if version is None:
-            log.warning("%s", schema.WAITING_FOR_SCHEMA)
-        return version
+        versions = {}
+        for label, settings in self.databases.items():
+            try:
+                conn = db.connect(settings.dsn, "pgnet-curl supervisor")
+            except PgnetCurlError as exc:
+                if len(self.databases) == 1:
+                    raise
+                log.warning("database %s: %s; serving the others meanwhile", label, exc)
+                versions[label] = None
+                continue
+            try:
+                versions[label] = schema.installed_version(conn)
+            finally:
+                conn.close()
+            if versions[label] is None:
+                log.warning("database %s: %s", label, schema.WAITING_FOR_SCHEMA)
+        return versions
 
     def run(self) -> int:
         """Supervise until SIGTERM/SIGINT and every worker has exited; return the exit code."""
@@ -77,7 +99,8 @@ class Supervisor:
                 self._ops_server = ops_server.start(self.metrics_host, self.metrics_port, self.health)
             for slot in self.slots:
                 self._spawn(slot)
-            log.info("serving with %d workers (max_inflight=%d each)", len(self.slots), self.settings.max_inflight)
+            log.info("serving %d database(s) with %d workers (max_inflight=%d each)", len(self.databases),
+                     len(self.slots), self.settings.max_inflight)
             while not (self.stopping and not self._alive()):
                 received = signal.sigtimedwait(_HANDLED_SIGNALS, self._wait_timeout_s())
                 if received is not None:
@@ -158,9 +181,9 @@ class Supervisor:
         pid = slot.pid
         multiprocess.mark_process_dead(pid)
         slot.pid = None
-        metrics.workers_alive.set(len(self._alive()))
+        self._count_alive(slot.database)
         if os.WIFSIGNALED(status) or os.waitstatus_to_exitcode(status) != 0:
-            self._release_leases_of(pid)
+            self._release_leases_of(slot, pid)
         if self.stopping:
             return
         lived_s = time.monotonic() - slot.started_s
@@ -171,15 +194,19 @@ class Supervisor:
             how = f"was killed by signal {os.WTERMSIG(status)}"
         else:
             how = f"exited with code {os.waitstatus_to_exitcode(status)}"
-        log.warning("worker %d %s after %.1f s; restarting in %.1f s", slot.index, how, lived_s, delay_s)
+        log.warning("worker %d of database %s %s after %.1f s; restarting in %.1f s", slot.index, slot.database,
+                    how, lived_s, delay_s)
 
-    def _release_leases_of(self, pid: int) -> None:
+    def _count_alive(self, database: str) -> None:
+        self._alive_gauges[database].set(sum(1 for slot in self._alive() if slot.database == database))
+
+    def _release_leases_of(self, slot: _Slot, pid: int) -> None:
         """Hand a dead worker's claimed requests back now instead of at lease expiry."""
         from .worker import lease_owner
 
         owner = lease_owner(socket.gethostname(), self.run_id, pid)
         try:
-            conn = db.connect(self.settings.dsn, "pgnet-curl supervisor")
+            conn = db.connect(slot.settings.dsn, "pgnet-curl supervisor")
             try:
                 released = Queue(conn, owner).release_all()
             finally:
@@ -197,25 +224,25 @@ class Supervisor:
         for slot in self.slots:
             if slot.pid is None and now >= slot.restart_at_s:
                 self.restarts += 1
-                metrics.worker_restarts_total.inc()
+                metrics.worker_restarts_total.labels(database=slot.database).inc()
                 self._spawn(slot)
 
     def _spawn(self, slot: _Slot) -> None:
         pid = os.fork()
         if pid == 0:
-            os._exit(_worker_main(self.settings, slot.index, self.run_id))
+            os._exit(_worker_main(slot.settings, slot.index, self.run_id, slot.database))
         slot.pid, slot.started_s = pid, time.monotonic()
-        metrics.workers_alive.set(len(self._alive()))
+        self._count_alive(slot.database)
 
 
-def _worker_main(settings: Settings, index: int, run_id: str) -> int:
+def _worker_main(settings: Settings, index: int, run_id: str, database: str) -> int:
     """Entry point of a forked worker process."""
     from .worker import Worker
 
     # SIGTERM/SIGINT/SIGHUP stay blocked until the worker has its handlers in place.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     try:
-        return Worker(settings, index, run_id).run()
+        return Worker(settings, index, run_id, database).run()
     except BaseException:  # noqa: BLE001 - a worker must report, never unwind into the parent's code
         log.exception("worker %d crashed", index)
         return 1

@@ -64,9 +64,11 @@ def lease_owner(hostname: str, run_id: str, pid: int) -> str:
 class Worker:
     """Claim requests, send them through curl, write responses back; until told to stop."""
 
-    def __init__(self, settings: Settings, index: int = 1, run_id: str | None = None):
+    def __init__(self, settings: Settings, index: int = 1, run_id: str | None = None, database: str = "default"):
         self.settings = settings
         self.index = index
+        # Metrics carry the database's label: one serve may serve several databases.
+        self.metrics = metrics.DatabaseMetrics(database)
         self.application_name = f"pgnet-curl worker {index}"
         # Unique per process: a lease held by a dead process can never be mistaken for ours.
         self.owner = lease_owner(socket.gethostname(), run_id or secrets.token_hex(4), os.getpid())
@@ -109,7 +111,7 @@ class Worker:
         self._next_poll_s = now + settings.poll_interval_s
         self._next_check_s = now + settings.settings_refresh_s
         self._next_ttl_sweep_s = now
-        self.tally = metrics.Tally()
+        self.tally = metrics.Tally(self.metrics)
         self._next_metrics_flush_s = 0.0
         self.stats = {"claimed": 0, "written": 0, "lease_lost": 0, "reclaimed": 0, "reconnects": 0, "retries": 0}
         # (key_id, secret, expiry epoch or None) of the signing keys, read at connect and on change.
@@ -242,7 +244,7 @@ class Worker:
 
     def _publish_metrics(self, now: float) -> None:
         self.tally.flush()
-        metrics.inflight_requests.set(self.driver.inflight)
+        self.metrics.inflight_requests.set(self.driver.inflight)
         self._next_metrics_flush_s = now + METRICS_FLUSH_INTERVAL_S
 
     def _select_timeout_s(self) -> float:
@@ -340,7 +342,7 @@ class Worker:
         for request in requests:
             if request.attempts > 1:
                 self.stats["reclaimed"] += 1
-                metrics.lease_reclaims_total.inc()
+                self.metrics.lease_reclaims_total.inc()
             self.tally.claimed(max(0.0, now_epoch_s - request.created_epoch_s))
             if request.attempts > self.settings.max_attempts:
                 self._give_up(request)
@@ -426,7 +428,7 @@ class Worker:
                 defaults.retry_backoff_cap_ms, retry_after, time.time())
             if response.retry_in_ms is not None:
                 self.stats["retries"] += 1
-                metrics.retries_scheduled_total.inc()
+                self.metrics.retries_scheduled_total.inc()
 
     # ---- write-back ------------------------------------------------------------------------
 
@@ -455,10 +457,10 @@ class Worker:
     def _count_written(self, batch: list[Response], written: int, duration_s: float) -> None:
         self.stats["written"] += written
         self.stats["lease_lost"] += len(batch) - written
-        metrics.write_batch_duration_seconds.observe(duration_s)
-        metrics.write_batch_size.observe(len(batch))
+        self.metrics.write_batch_duration_seconds.observe(duration_s)
+        self.metrics.write_batch_size.observe(len(batch))
         if len(batch) > written:
-            metrics.lease_lost_total.inc(len(batch) - written)
+            self.metrics.lease_lost_total.inc(len(batch) - written)
         now_epoch_s, now = time.time(), time.monotonic()
         for response in batch:
             if response.retry_in_ms is None:
@@ -543,7 +545,7 @@ class Worker:
         self._backend_pid = conn.info.backend_pid
         self._db_fd = conn.fileno()
         self._watch(self._db_fd, select.POLLIN, _DB)
-        metrics.worker_db_connected.set(1)
+        self.metrics.worker_db_connected.set(1)
         if self._reconnect_delay_s > RECONNECT_MIN_S or self.stats["reconnects"]:
             log.info("worker %d reconnected to the database", self.index)
         self._reconnect_delay_s = RECONNECT_MIN_S
@@ -575,7 +577,7 @@ class Worker:
             except PgnetCurlError as check_exc:
                 exc = check_exc
         self.stats["reconnects"] += 1
-        metrics.db_reconnects_total.inc()
+        self.metrics.db_reconnects_total.inc()
         self._disconnect()
         self._schedule_reconnect(exc)
 
@@ -589,8 +591,8 @@ class Worker:
         except psycopg.Error:
             pass
         self.conn = self.queue = None
-        metrics.worker_db_connected.set(0)
-        metrics.worker_waiting_for_schema.set(0)
+        self.metrics.worker_db_connected.set(0)
+        self.metrics.worker_waiting_for_schema.set(0)
 
     @property
     def serving(self) -> bool:
@@ -618,7 +620,7 @@ class Worker:
         """Follow the schema appearing, disappearing, or being dropped and installed again."""
         changed = queue_oid != self._queue_oid
         self._queue_oid, was = queue_oid, self._queue_oid
-        metrics.worker_waiting_for_schema.set(0 if self.serving else 1)
+        self.metrics.worker_waiting_for_schema.set(0 if self.serving else 1)
         if not changed:
             return
         # Only worker 1 tells: one line per change, not one per worker.
@@ -695,14 +697,14 @@ class Worker:
     def _sample_queue(self) -> None:
         """Queue depth and oldest pending age, sampled at the poll by one worker (not per request)."""
         depth, oldest_age_s = self.queue.sample()
-        metrics.queue_depth.set(depth)
-        metrics.queue_oldest_pending_seconds.set(oldest_age_s or 0.0)
+        self.metrics.queue_depth.set(depth)
+        self.metrics.queue_oldest_pending_seconds.set(oldest_age_s or 0.0)
 
     def _sweep_expired(self) -> None:
         ttl_s = self.settings.ttl.total_seconds()
         for _ in range(_TTL_SWEEP_MAX_STATEMENTS):
             deleted = self.queue.delete_expired(ttl_s, self.settings.ttl_sweep_rows)
-            metrics.responses_expired_total.inc(deleted)
+            self.metrics.responses_expired_total.inc(deleted)
             if deleted < self.settings.ttl_sweep_rows:
                 break
         for _ in range(_TTL_SWEEP_MAX_STATEMENTS):

@@ -41,7 +41,10 @@ def scrape(port: int) -> dict[tuple, float]:
 
 
 def value(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum of name's samples whose labels include these (as PromQL's sum() would)."""
+    wanted = set(labels.items())
+    return sum(v for (sample_name, sample_labels), v in samples.items()
+               if sample_name == name and wanted <= set(sample_labels))
 
 
 def test_metrics_follow_real_traffic(db, db_dsn, serve, http_server):
@@ -74,6 +77,8 @@ def test_metrics_follow_real_traffic(db, db_dsn, serve, http_server):
     assert value(samples, "pgnet_curl_workers_alive") == 2
     assert value(samples, "pgnet_curl_worker_db_connected") == 2
     assert not any("127.0.0.1" in str(labels) for _, labels in samples), "no URL in any label"
+    # Every sample names its database.
+    assert value(samples, "pgnet_curl_requests_total", database=db.info.dbname) == 62
 
 
 def test_queue_depth_is_sampled(db, db_dsn, serve, http_server):
