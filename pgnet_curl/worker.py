@@ -19,14 +19,13 @@ import time
 import psycopg
 import pycurl
 
-from . import db, metrics, retry, signing
+from . import db, metrics, retry, schema, signing
 from .curl_driver import CurlDriver
 from .destination_policy import DestinationPolicy
 from .errors import DatabaseUnavailable, PgnetCurlError, SchemaError
 from .model import Request, Response
 from .queue import Queue
 from .redact import db_error_text, safe_url
-from .schema import WAITING_FOR_SCHEMA
 from .settings import Settings
 
 log = logging.getLogger("pgnet_curl.worker")
@@ -50,6 +49,8 @@ _HELP_INTERVAL_S = 0.05
 _REPEATED_STOP_AFTER_S = 2.0
 # TTL sweep: at most this many delete statements per sweep, so a sweep never stalls the loop.
 _TTL_SWEEP_MAX_STATEMENTS = 10
+# The schema version this worker's statements need (an older install waits for `install`).
+_SCHEMA_VERSION = schema.latest_version()
 # Signing keys are read again this often, besides on their NOTIFY and at connect.
 _SIGNING_KEYS_REFRESH_S = 60.0
 # While the net schema is missing, look for it this often (the install also NOTIFYs).
@@ -118,6 +119,8 @@ class Worker:
         self._signing_keys: list[tuple[str, bytes, float | None]] = []
         self._next_keys_reread_s = 0.0
         self._next_keys_s = 0.0
+        # The outdated schema version last reported, so that it is reported once.
+        self._outdated_seen: int | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -534,6 +537,7 @@ class Worker:
         try:
             queue_oid, batch_size, ttl = queue.check()
             self.settings = self.settings.with_database_values(batch_size, ttl)
+            queue_oid = self._usable(queue_oid, conn)
             self._signing_keys = queue.signing_keys() if queue_oid is not None else []
         except PgnetCurlError as exc:
             conn.close()
@@ -614,7 +618,24 @@ class Worker:
                      self.settings.ttl)
             self.want_claim = True
         self._reload_requested = False
-        return queue_oid
+        return self._usable(queue_oid, self.conn)
+
+    def _usable(self, queue_oid: int | None, conn: psycopg.Connection) -> int | None:
+        """queue_oid if the schema there is the version this worker needs, else None (wait).
+
+        The version is read only when the schema is new to us: not on every check.
+        """
+        if queue_oid is None or (queue_oid == self._queue_oid and self.serving):
+            return queue_oid
+        installed = schema.installed_version(conn)
+        if installed is not None and installed >= _SCHEMA_VERSION:
+            self._outdated_seen = None
+            return queue_oid
+        if installed != self._outdated_seen:
+            self._outdated_seen = installed
+            log.warning("worker %d: the net schema is version %s and this pgnet-curl needs version %d: "
+                        "run pgnet-curl install; waiting", self.index, installed, _SCHEMA_VERSION)
+        return None
 
     def _adopt_schema(self, queue_oid: int | None, fresh_session: bool = False) -> None:
         """Follow the schema appearing, disappearing, or being dropped and installed again."""
@@ -632,7 +653,7 @@ class Worker:
                 log.warning("worker %d: the net schema was dropped with %d requests in flight or unwritten; "
                             "they are gone with it", self.index, lost)
         if queue_oid is None:
-            say("%s (the schema was dropped)", WAITING_FOR_SCHEMA)
+            say("%s (the schema was dropped)", schema.WAITING_FOR_SCHEMA)
         else:
             say("net schema %s: serving", "found" if was is None else "installed again")
         self.want_claim = self.serving

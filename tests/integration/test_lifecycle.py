@@ -128,6 +128,18 @@ AUTO_CONF_ENTRIES = ("select name, setting from pg_file_settings "
                      "where sourcefile like '%%postgresql.auto.conf' and name like 'pg_net.%%' order by seqno")
 
 
+def test_an_outdated_schema_waits_for_the_upgrade(db, db_dsn, serve, http_server):
+    # As an older install records itself (the objects are newer, but the worker goes by the version).
+    db.execute("delete from net._schema_migrations where version > 3")
+    process = serve(db_dsn)
+    request_id = db.execute("select net.http_get(%s)", (http_server.url_for("/echo"),)).fetchone()[0]
+    wait_until(lambda: "this pgnet-curl needs version" in process.log, message="the outdated-schema warning")
+    assert response(db, request_id) is None, "nothing is sent against an outdated schema"
+    schema.install(db_dsn)
+    assert wait_answered(db, request_id, timeout_s=5)[0] == 200
+    assert process.log.count("this pgnet-curl needs version") == 1, "said once, not at every check"
+
+
 def alter_system(conn, name: str, value: str | None) -> None:
     """ALTER SYSTEM as a test admin does, knowing the name first (PostgreSQL 13-16 need it)."""
     conn.execute("select set_config(%s, '', false)", (name,))
