@@ -23,7 +23,7 @@ _TCP_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3
 
 def with_user(dsn: str, user: str) -> str:
     """Return dsn with its login role replaced by user (and no password)."""
-    params = conninfo_to_dict(dsn)
+    params = parse_dsn(dsn)
     params.pop("password", None)
     params["user"] = user
     return make_conninfo(**params)
@@ -49,12 +49,17 @@ def database_errors(action: str) -> Iterator[None]:
         raise PgnetCurlError(f"{action}: {db_error_text(exc)}") from None
 
 
-def connect(dsn: str, application_name: str, listen: bool = False) -> psycopg.Connection:
-    """Open an autocommit connection named in pg_stat_activity; LISTEN for wakes if asked."""
+def parse_dsn(dsn: str) -> dict:
+    """The DSN's parameters; a ConfigError that quotes none of it when it does not parse."""
     try:
-        conninfo_to_dict(dsn)
+        return conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
         raise ConfigError(f"the DSN is not a valid connection string: {db_error_text(exc)}") from None
+
+
+def connect(dsn: str, application_name: str, listen: bool = False) -> psycopg.Connection:
+    """Open an autocommit connection named in pg_stat_activity; LISTEN for wakes if asked."""
+    parse_dsn(dsn)
     with database_errors("connecting to the database"):
         conn = psycopg.connect(
             dsn, autocommit=True, application_name=application_name, connect_timeout=CONNECT_TIMEOUT_S,

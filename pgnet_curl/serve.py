@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 from . import db, metrics_dir, schema, settings as settings_module
 from .errors import ConfigError
@@ -46,7 +46,7 @@ def database_labels(dsns: list[str]) -> list[str]:
     """Name each database for metrics and logs: its dbname, with host:port where that repeats."""
     parts = []
     for dsn in dsns:
-        params = conninfo_to_dict(dsn)
+        params = db.parse_dsn(dsn)
         parts.append((params.get("dbname") or params.get("user") or "postgres",
                       f"{params.get('host', 'localhost')}:{params.get('port', '5432')}"))
     names = [name for name, _ in parts]

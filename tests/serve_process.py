@@ -14,10 +14,13 @@ from helpers import wait_until
 
 
 def connected_workers(dsn: str) -> int:
+    """Worker sessions past their LISTEN: a session shows in pg_stat_activity before its first
+    statement, and a NOTIFY sent before its LISTEN would be missed."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         return conn.execute(
             "select count(*) from pg_stat_activity where datname = current_database() "
-            "and application_name like 'pgnet-curl worker%'"
+            "and application_name like 'pgnet-curl worker%' "
+            "and query <> '' and query not like '%listen pgnet_curl_wake%'"
         ).fetchone()[0]
 
 
