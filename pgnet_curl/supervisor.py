@@ -25,6 +25,8 @@ RESTART_MIN_S, RESTART_MAX_S = 0.5, 30.0
 HEALTHY_AFTER_S = 30.0
 # After the drain deadline, workers get this much longer before SIGKILL.
 KILL_MARGIN_S = 5.0
+# The schema version that has net.destination_limits (sql/0008_destination_limits.sql).
+DESTINATION_LIMITS_VERSION = 8
 
 
 @dataclass
@@ -54,10 +56,20 @@ class Supervisor:
         self.restarts = 0
 
     def check_database(self) -> int:
-        """Fail fast on a bad DSN or a missing schema; return the installed schema version."""
+        """Fail fast on a bad DSN or a missing schema; return the installed schema version.
+
+        Writes the --destination-limit rows, so that every worker of the database enforces them.
+        """
         conn = db.connect(self.settings.dsn, "pgnet-curl supervisor")
         try:
             version = schema.installed_version(conn)
+            if version is not None and self.settings.destination_limits:
+                if version < DESTINATION_LIMITS_VERSION:
+                    raise SchemaError(f"--destination-limit needs schema version {DESTINATION_LIMITS_VERSION} "
+                                      f"(installed: {version}); run `pgnet-curl install --dsn ...`")
+                Queue(conn, "supervisor").set_destination_limits(self.settings.destination_limits)
+                log.info("destination limits set: %s", ", ".join(
+                    limit.host_pattern for limit in self.settings.destination_limits))
         finally:
             conn.close()
         if version is None:

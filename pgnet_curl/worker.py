@@ -82,8 +82,12 @@ class Worker:
         self.want_claim = True
         self._reload_requested = False
         self._reload_keys_requested = False
-        # Monotonic times at which retries this worker put back become due (a heap).
+        # Monotonic times at which retries this worker put back become due, and hosts its
+        # claims found held back by a rate limit get tokens again (a heap): claim again then.
         self._retries_due_s: list[float] = []
+        # Whether net.destination_limits has rows: claim with claim_limited then.
+        self._limits_active = False
+        self._reload_limits_requested = False
         self._restart_requested = False
         self._backend_pid = 0
         self._next_help_s = 0.0
@@ -300,7 +304,11 @@ class Worker:
             return
         limit = min(self.settings.batch_size, self._free_slots())
         try:
-            requests = self.queue.claim(limit, self.settings.lease_grace_s)
+            requests = self.queue.claim(limit, self.settings.lease_grace_s, limited=self._limits_active)
+            if self._limits_active and len(requests) < limit:
+                due_s = self.queue.limits_due_s()
+                if due_s is not None:
+                    heapq.heappush(self._retries_due_s, now + due_s)
         except PgnetCurlError as exc:
             self._on_db_error(exc)
             return
@@ -408,6 +416,9 @@ class Worker:
 
     def _count_written(self, batch: list[Response], written: int, duration_s: float) -> None:
         self.stats["written"] += written
+        if self._limits_active and written:
+            # A finished request may free a host's concurrency that held rows back.
+            self.want_claim = True
         self.stats["lease_lost"] += len(batch) - written
         metrics.write_batch_duration_seconds.observe(duration_s)
         metrics.write_batch_size.observe(len(batch))
@@ -470,6 +481,8 @@ class Worker:
             self._restart_requested = True
         elif notify.channel == db.CONTROL_CHANNEL and notify.payload == "signing_keys":
             self._reload_keys_requested = True
+        elif notify.channel == db.CONTROL_CHANNEL and notify.payload == "destination_limits":
+            self._reload_limits_requested = True
 
     _last_connect_error: PgnetCurlError | None = None
 
@@ -486,6 +499,7 @@ class Worker:
                 raise SchemaError("the net schema is not installed; run: pgnet-curl install --dsn ...")
             self.settings = self.settings.with_database_values(*queue.read_settings())
             self._signing_keys = queue.signing_keys()
+            self._limits_active = queue.limits_active()
         except PgnetCurlError as exc:
             conn.close()
             self._last_connect_error = exc
@@ -551,9 +565,14 @@ class Worker:
                 self._reload_settings()
                 self._next_settings_s = now + self.settings.settings_refresh_s
                 self._reload_keys_requested = True
+                self._reload_limits_requested = True
             if self._reload_keys_requested:
                 self._reload_keys_requested = False
                 self._signing_keys = self.queue.signing_keys()
+            if self._reload_limits_requested:
+                self._reload_limits_requested = False
+                self._limits_active = self.queue.limits_active()
+                self.want_claim = True
             if now >= self._next_ttl_sweep_s:
                 self._sweep_expired()
                 self._next_ttl_sweep_s = now + self.settings.ttl_sweep_interval_s

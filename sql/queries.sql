@@ -25,6 +25,38 @@ returning id, method, url, headers::text, body, timeout_milliseconds,
           retries, max_retries, retry_backoff_ms, notify_channel is not null or callback is not null,
           idempotency_key, signing_key_id, callback::oid, requested_by;
 
+-- name: claim_limited
+-- The claim while net.destination_limits has rows: the same lease, on the rows the per-host
+-- limits let through now (sql/0008_destination_limits.sql chooses them and takes their tokens).
+update net.http_request_queue
+set lease_owner = %(owner)s,
+    lease_expires_at = clock_timestamp()
+        + make_interval(secs => timeout_milliseconds / 1000.0 + %(grace_s)s),
+    attempts = attempts + 1
+where id = any((select net._claim_limited(%(owner)s, %(limit)s, %(grace_s)s))::bigint[])
+returning id, method, url, headers::text, body, timeout_milliseconds,
+          attempts, extract(epoch from created_at)::float8,
+          retries, max_retries, retry_backoff_ms, notify_channel is not null or callback is not null,
+          idempotency_key, signing_key_id, callback::oid, requested_by;
+
+-- name: limits_active
+-- Whether any per-destination limit is set: the worker claims with claim_limited if so.
+select exists (select from net.destination_limits);
+
+-- name: limits_due
+-- Seconds until a host that limits held back can send again (NULL: none is waiting for tokens).
+select net._destination_limits_due_s();
+
+-- name: set_destination_limit
+-- A `serve --destination-limit` flag: insert or replace the pattern's row.
+insert into net.destination_limits as l (host_pattern, max_concurrent, max_per_second, burst, source)
+values (%(host_pattern)s, %(max_concurrent)s, %(max_per_second)s, %(burst)s, 'serve')
+on conflict (host_pattern) do update
+set max_concurrent = excluded.max_concurrent, max_per_second = excluded.max_per_second,
+    burst = excluded.burst, source = 'serve'
+where (l.max_concurrent, l.max_per_second, l.burst, l.source)
+      is distinct from (excluded.max_concurrent, excluded.max_per_second, excluded.burst, 'serve');
+
 -- name: write_back
 -- Store finished responses of the requests this worker still owns and dequeue them, or put
 -- a request that will be tried again back with its not-before time, in one statement. A row
@@ -47,6 +79,10 @@ with r as (
     from r
     where q.id = r.id and r.retry_in_ms is not null and q.lease_owner = %(owner)s
     returning q.id
+), unleased as (
+    -- The per-destination concurrency these requests held (sql/0008_destination_limits.sql).
+    delete from net._destination_leases
+    where id = any(array(select id from r)) and owner = %(owner)s
 ), done as (
     delete from net.http_request_queue
     where id = any(array(select id from r where retry_in_ms is null)) and lease_owner = %(owner)s
@@ -93,12 +129,18 @@ order by key_id, created_at;
 -- name: release
 -- Give back requests this worker claimed but will not finish (shutdown), for others to take.
 -- Not counted as an attempt: the worker stopped on purpose.
+with unleased as (
+    delete from net._destination_leases where id = any(%(ids)s::bigint[]) and owner = %(owner)s
+)
 update net.http_request_queue
 set lease_owner = null, lease_expires_at = null, attempts = greatest(attempts - 1, 0)
 where id = any(%(ids)s::bigint[]) and lease_owner = %(owner)s;
 
 -- name: release_all
 -- Give back every request a dead worker held (the supervisor names it). Its attempt counts.
+with unleased as (
+    delete from net._destination_leases where owner = %(owner)s
+)
 update net.http_request_queue
 set lease_owner = null, lease_expires_at = null
 where lease_owner = %(owner)s;

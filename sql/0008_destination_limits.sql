@@ -1,0 +1,237 @@
+-- pgnet-curl schema, version 8: per-destination limits.
+--
+-- net.destination_limits caps, per destination host, the requests in flight and the requests
+-- sent per second (a token bucket), across every worker of every `serve` of this database: the
+-- database is the only state they share. A pattern is a host (`api.example.com`, `127.0.0.1`,
+-- `::1`), a domain's subdomains (`*.example.com`, not example.com itself) or `*` (every host);
+-- when several match a host, the most specific wins: an exact host, then the longest `*.`
+-- suffix, then `*`. Each host matching a pattern gets the pattern's limits for itself.
+--
+-- The worker claims with net._claim_limited() while the table has rows, and with the plain
+-- claim (sql/queries.sql) when it is empty. Rows a limit holds back stay in the queue unleased:
+-- they take no worker slot and no connection, and other hosts' rows are claimed past them.
+
+-- The destination host of a request: lower case, no userinfo, port, brackets or trailing dot.
+-- Computed once at insert, so the request functions do not change.
+alter table net.http_request_queue
+    add column if not exists host text generated always as (
+        btrim(rtrim(lower(substring(url from '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#@]*@)?(\[[^\]]*\]|[^/?#:]*)')), '.'), '[]')
+    ) stored;
+comment on column net.http_request_queue.host is 'The URL''s host, lower case (pgnet-curl: per-destination limits).';
+
+create table if not exists net.destination_limits(
+    host_pattern text primary key,
+    max_concurrent int check (max_concurrent >= 1),
+    max_per_second numeric check (max_per_second > 0),
+    -- Tokens the bucket holds at most; NULL: max(1, max_per_second / 10), a tenth of a second.
+    burst numeric check (burst >= 1),
+    -- 'sql', or 'serve' for rows that `serve --destination-limit` wrote.
+    source text not null default 'sql',
+    updated_at timestamptz not null default clock_timestamp(),
+    check (num_nonnulls(max_concurrent, max_per_second) > 0)
+);
+comment on table net.destination_limits is
+    'Per destination host: at most max_concurrent requests in flight and max_per_second sent (pgnet-curl).';
+
+-- One token bucket per limited host that has been claimed from.
+create table if not exists net._destination_buckets(
+    host text primary key,
+    host_pattern text not null references net.destination_limits on update cascade on delete cascade,
+    tokens float8 not null,
+    refilled_at timestamptz not null
+);
+
+-- The requests of limited hosts in flight, for their concurrency: written by the claim, removed
+-- by write-back and release; a row whose lease expired no longer counts (its worker died).
+create table if not exists net._destination_leases(
+    id bigint primary key,
+    host text not null,
+    owner text not null,
+    expires_at timestamptz not null
+);
+create index if not exists _destination_leases_host_idx on net._destination_leases (host);
+
+-- Check and normalise a pattern (lower case, no brackets or trailing dot), with a clear error.
+create or replace function net._check_destination_limit()
+    returns trigger
+    language plpgsql
+    set search_path = pg_catalog, pg_temp
+as $$
+begin
+    new.host_pattern := btrim(rtrim(lower(btrim(new.host_pattern)), '.'), '[]');
+    if new.host_pattern is null or new.host_pattern !~ '^(\*|(\*\.)?[^*/?#@\s:]+|[0-9a-f:.]*:[0-9a-f:.]*)$' then
+        raise exception 'host_pattern must be a host (api.example.com, 127.0.0.1, ::1), *.domain or *, got %',
+            coalesce(quote_literal(new.host_pattern), 'NULL')
+            using errcode = 'invalid_parameter_value';
+    end if;
+    new.updated_at := clock_timestamp();
+    return new;
+end
+$$;
+
+drop trigger if exists check_pattern on net.destination_limits;
+create trigger check_pattern before insert or update on net.destination_limits
+    for each row execute function net._check_destination_limit();
+
+-- Tell the workers the limits changed: they switch between the plain and the limited claim.
+create or replace function net._announce_destination_limits()
+    returns trigger
+    language plpgsql
+    set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform pg_notify('pgnet_curl_control', 'destination_limits');
+    return null;
+end
+$$;
+
+drop trigger if exists announce on net.destination_limits;
+create trigger announce after insert or update or delete or truncate on net.destination_limits
+    for each statement execute function net._announce_destination_limits();
+
+-- The limit of every host in hosts that has one: the most specific matching pattern.
+create or replace function net._destination_limits_for(hosts text[])
+    returns table(host text, host_pattern text, max_concurrent int, max_per_second float8, burst float8)
+    language sql
+    stable
+    set search_path = pg_catalog, pg_temp
+as $$
+    select distinct on (h.host) h.host, l.host_pattern, l.max_concurrent, l.max_per_second::float8,
+           coalesce(l.burst, greatest(1, l.max_per_second / 10))::float8
+    from unnest(hosts) as h(host)
+    join net.destination_limits l
+      on l.host_pattern = h.host
+      or l.host_pattern = '*'
+      or (left(l.host_pattern, 2) = '*.' and right(h.host, length(l.host_pattern) - 1) = substr(l.host_pattern, 2))
+    order by h.host, l.host_pattern <> '*' desc, left(l.host_pattern, 2) <> '*.' desc, length(l.host_pattern) desc
+$$;
+
+-- Choose up to max_rows claimable requests, oldest first, that the limits let through now, and
+-- take their tokens and concurrency; return their ids (the claim statement leases them).
+-- Buckets are locked one host at a time, so claims on other hosts do not wait. Rows a limit
+-- holds back are left unlocked for the next claim; up to three rounds look past them.
+create or replace function net._claim_limited(owner text, max_rows int, grace_s float8)
+    returns bigint[]
+    language plpgsql
+    volatile
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    now_ts timestamptz := clock_timestamp();
+    held text[];
+    taken bigint[] := '{}';
+    after_id bigint := 0;
+    round int;
+    candidate_ids bigint[];
+    candidate_hosts text[];
+    lim record;
+    bucket record;
+    allowance int;
+    inflight int;
+    wanted int;
+    allowed jsonb;
+    more bool;
+begin
+    -- Hosts out of tokens or of concurrency now: their rows are not even locked.
+    select coalesce(array_agg(b.host), '{}') into held
+    from net._destination_buckets b
+    join net.destination_limits l on l.host_pattern = b.host_pattern
+    where (l.max_per_second is not null
+           and b.tokens + l.max_per_second * extract(epoch from now_ts - b.refilled_at) < 1)
+       or (l.max_concurrent is not null
+           and (select count(*) from net._destination_leases d
+                where d.host = b.host and d.expires_at > now_ts) >= l.max_concurrent);
+    for round in 1..3 loop
+        select coalesce(array_agg(c.id order by c.id), '{}'), coalesce(array_agg(coalesce(c.host, '') order by c.id), '{}')
+        into candidate_ids, candidate_hosts
+        from (
+            select q.id, q.host
+            from net.http_request_queue q
+            where (q.lease_expires_at is null or q.lease_expires_at < now_ts)
+              and (q.not_before is null or q.not_before <= now_ts)
+              and q.id > after_id
+              and coalesce(q.host, '') <> all(held)
+            order by q.id
+            limit max_rows - cardinality(taken)
+            for update skip locked
+        ) c;
+        exit when cardinality(candidate_ids) = 0;
+        after_id := candidate_ids[cardinality(candidate_ids)];
+        allowed := '{}';
+        more := false;
+        for lim in select * from net._destination_limits_for(array(select distinct unnest(candidate_hosts))) loop
+            wanted := (select count(*) from unnest(candidate_hosts) h where h = lim.host);
+            insert into net._destination_buckets as b (host, host_pattern, tokens, refilled_at)
+            values (lim.host, lim.host_pattern, lim.burst, now_ts)
+            on conflict (host) do nothing;
+            -- Another claim holding this bucket takes its tokens: skip the host instead of
+            -- waiting (and of deadlocking on buckets locked in another order).
+            select * into bucket from net._destination_buckets b where b.host = lim.host for update skip locked;
+            if not found then
+                held := held || lim.host;
+                more := true;
+                allowed := allowed || jsonb_build_object(lim.host, 0);
+                continue;
+            end if;
+            allowance := wanted;
+            if lim.max_per_second is not null then
+                bucket.tokens := least(lim.burst, bucket.tokens
+                    + lim.max_per_second * greatest(0, extract(epoch from clock_timestamp() - bucket.refilled_at)));
+                allowance := least(allowance, floor(bucket.tokens)::int);
+            end if;
+            if lim.max_concurrent is not null then
+                delete from net._destination_leases d where d.host = lim.host and d.expires_at <= now_ts;
+                select count(*) into inflight from net._destination_leases d where d.host = lim.host;
+                allowance := least(allowance, greatest(0, lim.max_concurrent - inflight));
+            end if;
+            allowance := greatest(allowance, 0);
+            update net._destination_buckets b
+            set tokens = bucket.tokens - case when lim.max_per_second is null then 0 else allowance end, refilled_at = clock_timestamp(), host_pattern = lim.host_pattern
+            where b.host = lim.host;
+            allowed := allowed || jsonb_build_object(lim.host, allowance);
+            if allowance < wanted then
+                held := held || lim.host;
+                more := true;
+            end if;
+        end loop;
+        -- Every row of an unlimited host, and the first `allowance` rows of each limited one.
+        with chosen as (
+            select c.id, c.host
+            from (
+                select u.id, u.host, row_number() over (partition by u.host order by u.id) as nth
+                from unnest(candidate_ids, candidate_hosts) as u(id, host)
+            ) c
+            where not (allowed ? c.host) or c.nth <= (allowed ->> c.host)::int
+        ), leased as (
+            insert into net._destination_leases as d (id, host, owner, expires_at)
+            select c.id, c.host, _claim_limited.owner,
+                   now_ts + make_interval(secs => q.timeout_milliseconds / 1000.0 + grace_s)
+            from chosen c join net.http_request_queue q on q.id = c.id
+            where allowed ? c.host
+            on conflict (id) do update set owner = excluded.owner, expires_at = excluded.expires_at
+        )
+        select taken || coalesce(array_agg(c.id), '{}') into taken from chosen c;
+        exit when not more or cardinality(taken) >= max_rows;
+    end loop;
+    return taken;
+end
+$$;
+
+-- Seconds until the next bucket that held requests back can let a few through (NULL: none).
+-- The worker claims again then, not only at the safety poll.
+create or replace function net._destination_limits_due_s()
+    returns float8
+    language sql
+    stable
+    set search_path = pg_catalog, pg_temp
+as $$
+    select min(greatest(0, (least(greatest(1, lim.burst / 2), lim.burst) - now_tokens) / lim.max_per_second))
+    from net._destination_buckets b
+    join lateral (select l.max_per_second::float8, coalesce(l.burst, greatest(1, l.max_per_second / 10))::float8 as burst
+                  from net.destination_limits l where l.host_pattern = b.host_pattern) lim on true
+    cross join lateral (select b.tokens + lim.max_per_second
+                               * extract(epoch from clock_timestamp() - b.refilled_at) as now_tokens) t
+    where lim.max_per_second is not null and now_tokens < 1
+$$;
+
+insert into net._schema_migrations(version) values (8) on conflict do nothing;
