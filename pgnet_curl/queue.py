@@ -70,10 +70,10 @@ class Queue:
                     self.conn.execute(self._sql["run_callbacks"], {"calls": json.dumps(calls)})
                 return written
 
-    def limits_active(self) -> bool:
-        """Return whether net.destination_limits has any row."""
+    def limits_active(self) -> tuple[bool, bool]:
+        """Return whether net.destination_limits has any row, and any concurrency limit."""
         with database_errors("reading destination limits"):
-            return self.conn.execute(self._sql["limits_active"]).fetchone()[0]
+            return self.conn.execute(self._sql["limits_active"]).fetchone()
 
     def limits_due_s(self) -> float | None:
         """Return seconds until a host held back by its rate limit may send again, or None."""

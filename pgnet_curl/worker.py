@@ -85,8 +85,9 @@ class Worker:
         # Monotonic times at which retries this worker put back become due, and hosts its
         # claims found held back by a rate limit get tokens again (a heap): claim again then.
         self._retries_due_s: list[float] = []
-        # Whether net.destination_limits has rows: claim with claim_limited then.
-        self._limits_active = False
+        # Whether net.destination_limits has rows (claim with claim_limited then), and whether
+        # any caps concurrency (then a write-back may free a slot: claim again after it).
+        self._limits_active = self._concurrency_limited = False
         self._reload_limits_requested = False
         self._restart_requested = False
         self._backend_pid = 0
@@ -308,7 +309,7 @@ class Worker:
             if self._limits_active and len(requests) < limit:
                 due_s = self.queue.limits_due_s()
                 if due_s is not None:
-                    heapq.heappush(self._retries_due_s, now + due_s)
+                    heapq.heappush(self._retries_due_s, time.monotonic() + due_s)
         except PgnetCurlError as exc:
             self._on_db_error(exc)
             return
@@ -416,7 +417,7 @@ class Worker:
 
     def _count_written(self, batch: list[Response], written: int, duration_s: float) -> None:
         self.stats["written"] += written
-        if self._limits_active and written:
+        if self._concurrency_limited and written:
             # A finished request may free a host's concurrency that held rows back.
             self.want_claim = True
         self.stats["lease_lost"] += len(batch) - written
@@ -499,7 +500,7 @@ class Worker:
                 raise SchemaError("the net schema is not installed; run: pgnet-curl install --dsn ...")
             self.settings = self.settings.with_database_values(*queue.read_settings())
             self._signing_keys = queue.signing_keys()
-            self._limits_active = queue.limits_active()
+            self._limits_active, self._concurrency_limited = queue.limits_active()
         except PgnetCurlError as exc:
             conn.close()
             self._last_connect_error = exc
@@ -571,7 +572,7 @@ class Worker:
                 self._signing_keys = self.queue.signing_keys()
             if self._reload_limits_requested:
                 self._reload_limits_requested = False
-                self._limits_active = self.queue.limits_active()
+                self._limits_active, self._concurrency_limited = self.queue.limits_active()
                 self.want_claim = True
             if now >= self._next_ttl_sweep_s:
                 self._sweep_expired()

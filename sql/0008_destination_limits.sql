@@ -119,6 +119,9 @@ as $$
 declare
     now_ts timestamptz := clock_timestamp();
     held text[];
+    -- Hosts held back for want of tokens: the claim to try next is when they have some.
+    rate_held text[];
+    due_s float8;
     taken bigint[] := '{}';
     after_id bigint := 0;
     round int;
@@ -133,14 +136,17 @@ declare
     more bool;
 begin
     -- Hosts out of tokens or of concurrency now: their rows are not even locked.
-    select coalesce(array_agg(b.host), '{}') into held
-    from net._destination_buckets b
-    join net.destination_limits l on l.host_pattern = b.host_pattern
-    where (l.max_per_second is not null
-           and b.tokens + l.max_per_second * extract(epoch from now_ts - b.refilled_at) < 1)
-       or (l.max_concurrent is not null
-           and (select count(*) from net._destination_leases d
-                where d.host = b.host and d.expires_at > now_ts) >= l.max_concurrent);
+    select coalesce(array_agg(h.host) filter (where h.no_tokens or h.full), '{}'),
+           coalesce(array_agg(h.host) filter (where h.no_tokens), '{}')
+    into held, rate_held
+    from (
+        select b.host,
+               coalesce(b.tokens + l.max_per_second * extract(epoch from now_ts - b.refilled_at) < 1, false) as no_tokens,
+               coalesce((select count(*) from net._destination_leases d
+                         where d.host = b.host and d.expires_at > now_ts) >= l.max_concurrent, false) as full
+        from net._destination_buckets b
+        join net.destination_limits l on l.host_pattern = b.host_pattern
+    ) h;
     for round in 1..3 loop
         select coalesce(array_agg(c.id order by c.id), '{}'), coalesce(array_agg(coalesce(c.host, '') order by c.id), '{}')
         into candidate_ids, candidate_hosts
@@ -185,6 +191,9 @@ begin
                 allowance := least(allowance, greatest(0, lim.max_concurrent - inflight));
             end if;
             allowance := greatest(allowance, 0);
+            if lim.max_per_second is not null and allowance < wanted and allowance >= floor(bucket.tokens) then
+                rate_held := rate_held || lim.host;
+            end if;
             update net._destination_buckets b
             set tokens = bucket.tokens - case when lim.max_per_second is null then 0 else allowance end, refilled_at = clock_timestamp(), host_pattern = lim.host_pattern
             where b.host = lim.host;
@@ -213,25 +222,28 @@ begin
         select taken || coalesce(array_agg(c.id), '{}') into taken from chosen c;
         exit when not more or cardinality(taken) >= max_rows;
     end loop;
+    -- For net._destination_limits_due_s(), read by the worker right after this statement.
+    select min(greatest(0.001, (least(greatest(1, t.burst / 2), t.burst)
+                                - (b.tokens + t.rate * extract(epoch from clock_timestamp() - b.refilled_at))) / t.rate))
+    into due_s
+    from net._destination_buckets b
+    join lateral (select l.max_per_second::float8 as rate, coalesce(l.burst, greatest(1, l.max_per_second / 10))::float8 as burst
+                  from net.destination_limits l where l.host_pattern = b.host_pattern) t on true
+    where b.host = any(rate_held) and t.rate is not null;
+    perform set_config('pgnet_curl.limits_due_s', coalesce(due_s::text, ''), false);
     return taken;
 end
 $$;
 
--- Seconds until the next bucket that held requests back can let a few through (NULL: none).
--- The worker claims again then, not only at the safety poll.
+-- Seconds until a host that the session's last net._claim_limited() held back for want of
+-- tokens has some (NULL: none): the worker claims again then, not only at the safety poll.
 create or replace function net._destination_limits_due_s()
     returns float8
     language sql
     stable
     set search_path = pg_catalog, pg_temp
 as $$
-    select min(greatest(0, (least(greatest(1, lim.burst / 2), lim.burst) - now_tokens) / lim.max_per_second))
-    from net._destination_buckets b
-    join lateral (select l.max_per_second::float8, coalesce(l.burst, greatest(1, l.max_per_second / 10))::float8 as burst
-                  from net.destination_limits l where l.host_pattern = b.host_pattern) lim on true
-    cross join lateral (select b.tokens + lim.max_per_second
-                               * extract(epoch from clock_timestamp() - b.refilled_at) as now_tokens) t
-    where lim.max_per_second is not null and now_tokens < 1
+    select nullif(current_setting('pgnet_curl.limits_due_s', true), '')::float8
 $$;
 
 insert into net._schema_migrations(version) values (8) on conflict do nothing;

@@ -40,8 +40,9 @@ returning id, method, url, headers::text, body, timeout_milliseconds,
           idempotency_key, signing_key_id, callback::oid, requested_by;
 
 -- name: limits_active
--- Whether any per-destination limit is set: the worker claims with claim_limited if so.
-select exists (select from net.destination_limits);
+-- Whether any per-destination limit is set (the worker claims with claim_limited if so), and
+-- whether any caps concurrency (a finished request may then let a held-back one go).
+select count(*) > 0, count(max_concurrent) > 0 from net.destination_limits;
 
 -- name: limits_due
 -- Seconds until a host that limits held back can send again (NULL: none is waiting for tokens).
