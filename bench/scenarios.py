@@ -500,7 +500,7 @@ def _limited_backlog(bench: Bench, backlog: int, rate_per_s: float, burst: float
         conn.execute("insert into net.destination_limits(host_pattern, max_per_second, burst) values (%s, %s, %s)",
                      (LIMITED_HOST, rate_per_s, burst))
     probe_latencies_ms: list[float] = []
-    with (HttpTestServer(LIMITED_HOST) as limited_server, bench.serving() as serve,
+    with (HttpTestServer(LIMITED_HOST, log_size=backlog) as limited_server, bench.serving() as serve,
           bench.db.connect(autocommit=False) as enqueue_conn, bench.db.connect() as poll_conn):
         limited_url = limited_server.url_for("/fast")
         ids = bench.enqueue(enqueue_conn, limited_url, backlog)

@@ -123,6 +123,10 @@ class Queue:
         with database_errors("deleting expired failed requests"):
             return self.conn.execute(self._sql["delete_expired_archive"], {"ttl_s": ttl_s, "limit": limit}).rowcount
 
+    def delete_idle_buckets(self) -> int:
+        with database_errors("deleting idle destination buckets"):
+            return self.conn.execute(self._sql["delete_idle_buckets"]).rowcount
+
     def sample(self) -> tuple[int, float | None]:
         """Return (requests queued or in flight, age in seconds of the oldest one or None)."""
         with database_errors("sampling the queue"):

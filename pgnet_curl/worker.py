@@ -623,3 +623,5 @@ class Worker:
         for _ in range(_TTL_SWEEP_MAX_STATEMENTS):
             if self.queue.delete_expired_archive(ttl_s, self.settings.ttl_sweep_rows) < self.settings.ttl_sweep_rows:
                 break
+        if self._limits_active:
+            self.queue.delete_idle_buckets()

@@ -33,15 +33,21 @@ create table if not exists net.destination_limits(
 comment on table net.destination_limits is
     'Per destination host: at most max_concurrent requests in flight and max_per_second sent (pgnet-curl).';
 
--- One token bucket per limited host that has been claimed from.
+-- One token bucket per limited host that has been claimed from, and the times (epoch seconds)
+-- of its requests claimed in the last 1.01 s: no 1 s window ever holds more than the rate
+-- (rounded up), whatever the bucket allows; the extra 10 ms absorb the jitter between claim
+-- and send. Kept for rates up to 1000/s (an array element per
+-- request); above, the bucket alone limits (any 1 s window: at most rate + burst).
 create table if not exists net._destination_buckets(
     host text primary key,
     host_pattern text not null references net.destination_limits on update cascade on delete cascade,
     tokens float8 not null,
-    refilled_at timestamptz not null
+    refilled_at timestamptz not null,
+    sent_at float8[] not null default '{}'
 );
+alter table net._destination_buckets add column if not exists sent_at float8[] not null default '{}';
 
--- The requests of limited hosts in flight, for their concurrency: written by the claim, removed
+-- The requests in flight to hosts with a concurrency limit: written by the claim, removed
 -- by write-back and release; a row whose lease expired no longer counts (its worker died).
 create table if not exists net._destination_leases(
     id bigint primary key,
@@ -121,6 +127,8 @@ declare
     held text[];
     -- Hosts held back for want of tokens: the claim to try next is when they have some.
     rate_held text[];
+    -- Hosts with a concurrency limit: their claimed requests get a row in _destination_leases.
+    counted text[];
     due_s float8;
     taken bigint[] := '{}';
     after_id bigint := 0;
@@ -134,6 +142,10 @@ declare
     wanted int;
     allowed jsonb;
     more bool;
+    rate_allowance int;
+    window_n int;
+    now_epoch float8;
+    recent float8[];
 begin
     -- Hosts out of tokens or of concurrency now: their rows are not even locked.
     select coalesce(array_agg(h.host) filter (where h.no_tokens or h.full), '{}'),
@@ -141,7 +153,9 @@ begin
     into held, rate_held
     from (
         select b.host,
-               coalesce(b.tokens + l.max_per_second * extract(epoch from now_ts - b.refilled_at) < 1, false) as no_tokens,
+               coalesce(b.tokens + l.max_per_second * extract(epoch from now_ts - b.refilled_at) < 1
+                        or (l.max_per_second <= 1000 and (select count(*) from unnest(b.sent_at) x
+                            where x > extract(epoch from now_ts) - 1.01) >= ceil(l.max_per_second)), false) as no_tokens,
                coalesce((select count(*) from net._destination_leases d
                          where d.host = b.host and d.expires_at > now_ts) >= l.max_concurrent, false) as full
         from net._destination_buckets b
@@ -164,6 +178,7 @@ begin
         exit when cardinality(candidate_ids) = 0;
         after_id := candidate_ids[cardinality(candidate_ids)];
         allowed := '{}';
+        counted := '{}';
         more := false;
         for lim in select * from net._destination_limits_for(array(select distinct unnest(candidate_hosts))) loop
             wanted := (select count(*) from unnest(candidate_hosts) h where h = lim.host);
@@ -180,22 +195,35 @@ begin
                 continue;
             end if;
             allowance := wanted;
+            rate_allowance := wanted;
+            recent := null;
             if lim.max_per_second is not null then
+                now_epoch := extract(epoch from clock_timestamp());
                 bucket.tokens := least(lim.burst, bucket.tokens
-                    + lim.max_per_second * greatest(0, extract(epoch from clock_timestamp() - bucket.refilled_at)));
-                allowance := least(allowance, floor(bucket.tokens)::int);
+                    + lim.max_per_second * greatest(0, now_epoch - extract(epoch from bucket.refilled_at)));
+                rate_allowance := least(rate_allowance, floor(bucket.tokens)::int);
+                if lim.max_per_second <= 1000 then
+                    window_n := ceil(lim.max_per_second)::int;
+                    recent := array(select x from unnest(bucket.sent_at) x where x > now_epoch - 1.01 order by x);
+                    rate_allowance := least(rate_allowance, window_n - cardinality(recent));
+                end if;
+                allowance := greatest(0, rate_allowance);
             end if;
             if lim.max_concurrent is not null then
+                counted := counted || lim.host;
                 delete from net._destination_leases d where d.host = lim.host and d.expires_at <= now_ts;
                 select count(*) into inflight from net._destination_leases d where d.host = lim.host;
                 allowance := least(allowance, greatest(0, lim.max_concurrent - inflight));
             end if;
             allowance := greatest(allowance, 0);
-            if lim.max_per_second is not null and allowance < wanted and allowance >= floor(bucket.tokens) then
+            if rate_allowance < wanted and allowance = greatest(0, rate_allowance) then
                 rate_held := rate_held || lim.host;
             end if;
             update net._destination_buckets b
-            set tokens = bucket.tokens - case when lim.max_per_second is null then 0 else allowance end, refilled_at = clock_timestamp(), host_pattern = lim.host_pattern
+            set tokens = bucket.tokens - case when lim.max_per_second is null then 0 else allowance end,
+                refilled_at = case when lim.max_per_second is null then b.refilled_at else to_timestamp(now_epoch) end,
+                sent_at = case when recent is null then '{}' else recent || array_fill(now_epoch, array[allowance]) end,
+                host_pattern = lim.host_pattern
             where b.host = lim.host;
             allowed := allowed || jsonb_build_object(lim.host, allowance);
             if allowance < wanted then
@@ -216,19 +244,26 @@ begin
             select c.id, c.host, _claim_limited.owner,
                    now_ts + make_interval(secs => q.timeout_milliseconds / 1000.0 + grace_s)
             from chosen c join net.http_request_queue q on q.id = c.id
-            where allowed ? c.host
+            where c.host = any(counted)
             on conflict (id) do update set owner = excluded.owner, expires_at = excluded.expires_at
         )
         select taken || coalesce(array_agg(c.id), '{}') into taken from chosen c;
         exit when not more or cardinality(taken) >= max_rows;
     end loop;
-    -- For net._destination_limits_due_s(), read by the worker right after this statement.
-    select min(greatest(0.001, (least(greatest(1, t.burst / 2), t.burst)
-                                - (b.tokens + t.rate * extract(epoch from clock_timestamp() - b.refilled_at))) / t.rate))
+    -- For net._destination_limits_due_s(), read by the worker right after this statement: when
+    -- the first held host has half its bucket back and room for as many in its last second.
+    now_epoch := extract(epoch from clock_timestamp());
+    select min(greatest(0.001,
+                        (t.target - (b.tokens + t.rate * (now_epoch - extract(epoch from b.refilled_at)))) / t.rate,
+                        case when t.rate <= 1000 and w.leave > 0 then w.recent[w.leave] + 1.01 - now_epoch else 0 end))
     into due_s
     from net._destination_buckets b
-    join lateral (select l.max_per_second::float8 as rate, coalesce(l.burst, greatest(1, l.max_per_second / 10))::float8 as burst
+    join lateral (select l.max_per_second::float8 as rate,
+                         least(greatest(1, coalesce(l.burst, l.max_per_second / 10) / 2),
+                               coalesce(l.burst, greatest(1, l.max_per_second / 10)))::float8 as target
                   from net.destination_limits l where l.host_pattern = b.host_pattern) t on true
+    cross join lateral (select r.recent, cardinality(r.recent) - ceil(t.rate)::int + least(ceil(t.target), ceil(t.rate))::int as leave
+                        from (select array(select x from unnest(b.sent_at) x where x > now_epoch - 1.01 order by x) as recent) r) w
     where b.host = any(rate_held) and t.rate is not null;
     perform set_config('pgnet_curl.limits_due_s', coalesce(due_s::text, ''), false);
     return taken;

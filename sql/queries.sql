@@ -172,6 +172,20 @@ where id = any(array(
     limit %(limit)s
 ));
 
+-- name: delete_idle_buckets
+-- Forget the token buckets that are full again (a new bucket starts full, so nothing changes),
+-- and the slots of requests whose lease expired (their workers died).
+with expired as (
+    delete from net._destination_leases where expires_at <= clock_timestamp()
+)
+delete from net._destination_buckets b
+using net.destination_limits l
+where l.host_pattern = b.host_pattern
+  and (l.max_per_second is null
+       or b.tokens + l.max_per_second * extract(epoch from clock_timestamp() - b.refilled_at)
+          >= coalesce(l.burst, greatest(1, l.max_per_second / 10)))
+  and not exists (select from net._destination_leases d where d.host = b.host and d.expires_at > clock_timestamp());
+
 -- name: sample
 -- Queue depth and the age in seconds of the oldest request (ids follow creation order).
 select (select count(*) from net.http_request_queue),

@@ -695,7 +695,7 @@ def _query_value(request: _Request, name: str) -> Optional[str]:
 class HttpTestServer:
     """Serve the test endpoints on a loopback address from a background thread."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, log_size: int = REQUEST_LOG_SIZE):
         if not ipaddress.ip_address(host).is_loopback:
             raise ValueError(f"refusing to bind non-loopback address {host!r}")
         self.host = host
@@ -704,7 +704,7 @@ class HttpTestServer:
         self._hit_changed = threading.Condition(self._lock)
         self._waiter_count = 0
         self._hits: collections.Counter[str] = collections.Counter()
-        self._log: collections.deque[dict] = collections.deque(maxlen=REQUEST_LOG_SIZE)
+        self._log: collections.deque[dict] = collections.deque(maxlen=log_size)
         self._connections: set[_Connection] = set()
         self._write_paused = threading.Event()
         self._loop: Optional[asyncio.AbstractEventLoop] = None

@@ -149,3 +149,16 @@ def test_concurrency_comes_back_on_write_back_release_and_lease_expiry(db, db_ds
         queue_requests(db, "http://127.0.0.1:9/", 1)
         assert len(a.claim(10, 0.0, limited=True)) == 1
         wait_until(lambda: b.claim(10, 30.0, limited=True), timeout_s=5, message="a claim once the lease expired")
+
+
+def test_a_bucket_is_forgotten_once_full_again(db, db_dsn):
+    db.execute("insert into net.destination_limits(host_pattern, max_per_second, burst) values ('127.0.0.1', 2, 1)")
+    queue_requests(db, "http://127.0.0.1:9/", 2)
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        queue = Queue(conn, "worker-a")
+        assert len(queue.claim(10, 30.0, limited=True)) == 1
+        assert queue.delete_idle_buckets() == 0, "an empty bucket is kept: it holds the host back"
+        assert queue.claim(10, 30.0, limited=True) == []
+        # Refilled after half a second: forgetting it changes nothing, a new bucket starts full.
+        wait_until(lambda: queue.delete_idle_buckets() == 1, timeout_s=5, message="the full bucket deleted")
+        assert len(queue.claim(10, 30.0, limited=True)) == 1
