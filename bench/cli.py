@@ -86,6 +86,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slow", type=int, default=10)
     p = sub.add_parser("drain", parents=common, help="pre-filled queue: drain rate and worker RSS over time")
     p.add_argument("--requests", type=int, default=1_000_000)
+    p = sub.add_parser("limits", parents=common, help="cost of per-destination limits; a backlog to one rate-limited host")
+    p.add_argument("--requests", type=int, default=20_000, help="for the cost runs (default 20,000)")
+    p.add_argument("--backlog", type=int, default=20_000, help="requests to the limited host (default 20,000; 0: skip)")
+    p.add_argument("--rate", type=float, default=100.0, help="its limit, requests per second (default 100)")
+    p.add_argument("--burst", type=float, help="its bucket size (default: the table's, max(1, rate / 10))")
     sub.add_parser("summary", help="print saved JSON results as markdown tables: summary FILE...")
     p = sub.add_parser("all", parents=common, help="throughput, sustained, trickle and head-of-line in sequence")
     p.add_argument("--requests", type=int, default=20_000, help="for throughput (default 20,000)")
@@ -118,6 +123,7 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, callable]]:
         "trickle": lambda b: scenarios.trickle(b, getattr(args, "trickle_requests", None) or args.requests),
         "head-of-line": lambda b: scenarios.head_of_line(b, getattr(args, "fast", 190), getattr(args, "slow", 10)),
         "drain": lambda b: scenarios.drain(b, args.requests),
+        "limits": lambda b: scenarios.limits(b, args.requests, args.backlog, args.rate, args.burst),
     }
     names = ["throughput", "sustained", "trickle", "head-of-line"] if args.scenario == "all" else [args.scenario]
     return [(name, runs[name]) for name in names]

@@ -6,12 +6,14 @@ runner; a response's visibility time is the start of the first poll that returne
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+from urllib.parse import urlsplit
 
 from .context import SUSPECT_LATENCY_MS, Bench, cpu_figures, make_result, response_check, suspect_pct
 from .measure import Progress, RssSampler, Stalled, Visibility, latency_summary_ms, now_s, wait_for_rows
-from .runner import BenchError
+from .runner import HTTP_SERVER_SCRIPT, BenchError
 
 # Throughput polls every 100 ms (the plot's samples), every 5 ms for the last 10% (the end time).
 THROUGHPUT_SAMPLE_S = 0.1
@@ -434,3 +436,149 @@ def _visible_over_time(visibility: Visibility, origin_s: float, step_s: float = 
 
 def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
+
+
+# ---- 6. per-destination limits ----------------------------------------------------------------------
+
+LIMITED_HOST = "127.0.0.2"
+LIMITS_POLL_S = 0.01
+PROBE_INTERVAL_S = 1.0
+PROBES_PER_INTERVAL = 5
+
+
+def limits(bench: Bench, requests: int, backlog: int, rate_per_s: float, burst: float | None) -> dict:
+    """Cost of per-destination limits, then a backlog to one host limited to rate_per_s.
+
+    Cost: throughput of `requests` with no limit table, with a table limiting another host only,
+    and with a limit on the target host itself that never binds (every request takes a token and
+    a concurrency slot). Backlog (skipped when 0): `backlog` requests to a second loopback host
+    limited to rate_per_s, committed at once; its pace, its busiest 1 s window, and the
+    commit -> visible latency of requests to the target host meanwhile.
+    """
+    runs = {}
+    target_host = urlsplit(bench.target.url).hostname
+    for label, row in (("no_table", None), ("other_host_limited", ("limits.example.com", 1, 1)),
+                       ("target_limited_not_binding", (target_host, 1_000_000, 1e9))):
+        _set_limits(bench, [row] if row else [])
+        runs[label] = throughput(bench, requests)["figures"]
+    _set_limits(bench, [])
+    figures = {}
+    for label, run in runs.items():
+        figures[f"{label}_rate_per_s"] = run["rate_per_s"]
+        figures[f"{label}_cpu_us_per_request"] = run["cpu_us_per_request"]
+        figures[f"{label}_database_cpu_us_per_request"] = run["database_total_cpu_us_per_request"]
+    series = {}
+    if backlog:
+        backlog_figures, series = _limited_backlog(bench, backlog, rate_per_s, burst)
+        figures.update(backlog_figures)
+    notes = [f"Cost: the throughput scenario ({requests:,} requests, cold start) three times: no row in "
+             f"net.destination_limits (the plain claim), a row for another host (the limited claim, this host "
+             f"unlimited), and a row for this host that never binds (a token and a lease row per request).",
+             f"Backlog: {backlog:,} requests to {LIMITED_HOST} (an in-process loopback server recording arrival "
+             f"times) limited to {rate_per_s:g}/s, burst {burst if burst else 'default'}; every "
+             f"{PROBE_INTERVAL_S:g} s {PROBES_PER_INTERVAL} requests to the target host, their commit -> visible "
+             f"latency polled every {LIMITS_POLL_S * 1000:.0f} ms. Windows are [t, t + 1 s) starting at each arrival."]
+    return make_result("limits", {"requests": requests, "backlog": backlog, "rate_per_s": rate_per_s,
+                                  "burst": burst}, figures, series, notes)
+
+
+def _set_limits(bench: Bench, rows: list[tuple]) -> None:
+    with bench.db.connect() as conn:
+        conn.execute("delete from net.destination_limits")
+        for pattern, concurrent, rate in rows:
+            conn.execute("insert into net.destination_limits(host_pattern, max_concurrent, max_per_second) "
+                         "values (%s, %s, %s)", (pattern, concurrent, rate))
+
+
+def _limited_backlog(bench: Bench, backlog: int, rate_per_s: float, burst: float | None) -> tuple[dict, dict]:
+    """Queue a backlog to a rate-limited host; measure its pace and other hosts' latency meanwhile."""
+    sys.path.insert(0, str(HTTP_SERVER_SCRIPT.parent))
+    from http_server import HttpTestServer
+
+    bench.db.reset()
+    with bench.db.connect() as conn:
+        conn.execute("insert into net.destination_limits(host_pattern, max_per_second, burst) values (%s, %s, %s)",
+                     (LIMITED_HOST, rate_per_s, burst))
+    probe_latencies_ms: list[float] = []
+    with (HttpTestServer(LIMITED_HOST, log_size=backlog) as limited_server, bench.serving() as serve,
+          bench.db.connect(autocommit=False) as enqueue_conn, bench.db.connect() as poll_conn):
+        limited_url = limited_server.url_for("/fast")
+        ids = bench.enqueue(enqueue_conn, limited_url, backlog)
+        meter = bench.cpu_meter(serve, [enqueue_conn, poll_conn])
+        meter.start()
+        enqueue_conn.commit()
+        committed_s = now_s()
+        progress = Progress(backlog, "limits")
+        probes: dict[int, float] = {}
+        next_probe_s = committed_s + PROBE_INTERVAL_S / 2
+        deadline_s = committed_s + backlog / rate_per_s * 2 + bench.options.stall_timeout_s
+        done = 0
+        try:
+            while done < backlog or probes:
+                now = now_s()
+                if now > deadline_s:
+                    raise Stalled(f"{done:,} of {backlog:,} limited responses after {now - committed_s:.0f} s")
+                bench.check_alive(serve)
+                if now >= next_probe_s and done < backlog:
+                    for probe_id in bench.enqueue(enqueue_conn, bench.fast_url(), PROBES_PER_INTERVAL):
+                        probes[probe_id] = None
+                    enqueue_conn.commit()
+                    sent_s = now_s()
+                    probes = {probe_id: sent_s if at is None else at for probe_id, at in probes.items()}
+                    next_probe_s += PROBE_INTERVAL_S
+                if probes:
+                    seen = poll_conn.execute("select id from net._http_response where id = any(%s)",
+                                             (list(probes),)).fetchall()
+                    for (probe_id,) in seen:
+                        probe_latencies_ms.append((now - probes.pop(probe_id)) * 1000)
+                done = poll_conn.execute("select count(*) from net._http_response where id between %s and %s",
+                                         (ids[0], ids[-1])).fetchone()[0]
+                progress.update(done)
+                time.sleep(LIMITS_POLL_S)
+        finally:
+            progress.close(done)
+        used = meter.stop()
+        arrivals_s = sorted(entry["at_s"] for entry in limited_server.requests if entry["path"] == "/fast")
+    effective_burst = burst if burst else max(1.0, rate_per_s / 10)
+    span_s = arrivals_s[-1] - arrivals_s[0] if len(arrivals_s) > 1 else 0.0
+    windows = _window_counts(arrivals_s)
+    probe = latency_summary_ms(probe_latencies_ms)
+    figures = {
+        "backlog_requests": backlog,
+        "backlog_arrived": len(arrivals_s),
+        "backlog_first_to_last_arrival_s": round(span_s, 2),
+        "backlog_expected_s": round((backlog - effective_burst) / rate_per_s, 2),
+        "backlog_achieved_rate_per_s": round((len(arrivals_s) - effective_burst) / span_s, 2) if span_s else None,
+        "backlog_burst": effective_burst,
+        "backlog_most_in_1s_window": max(windows, default=0),
+        "backlog_windows_over_rate": sum(count > rate_per_s for count in windows),
+        "backlog_windows_over_rate_plus_burst": sum(count > rate_per_s + effective_burst for count in windows),
+        # After the first second the full bucket's burst is spent: the steady pace.
+        "backlog_most_in_1s_window_after_first_s": max(
+            (count for t, count in zip(arrivals_s, windows) if t >= arrivals_s[0] + 1.0), default=0),
+        **{f"other_host_latency_{key}_ms": round(value, 2) for key, value in probe.items()
+           if key in ("p50", "p95", "max")},
+        "other_host_probes": probe.get("count", 0),
+        **cpu_figures(used, backlog, None),
+    }
+    return figures, {"arrivals_per_s": _per_second(arrivals_s)}
+
+
+def _window_counts(times_s: list[float], window_s: float = 1.0) -> list[int]:
+    """Arrivals in [t, t + window_s) for each arrival t (times sorted)."""
+    counts, end = [], 0
+    for start, t in enumerate(times_s):
+        while end < len(times_s) and times_s[end] < t + window_s:
+            end += 1
+        counts.append(end - start)
+    return counts
+
+
+def _per_second(times_s: list[float]) -> list[tuple[int, int]]:
+    if not times_s:
+        return []
+    buckets: dict[int, int] = {}
+    for t in times_s:
+        second = int(t - times_s[0])
+        buckets[second] = buckets.get(second, 0) + 1
+    return sorted(buckets.items())

@@ -123,7 +123,12 @@ def _serve_options(function):
     for flag, kind, text in reversed(options):
         envvar = "PGNET_" + flag[2:].replace("-", "_").upper()
         function = click.option(flag, type=kind, envvar=envvar, show_envvar=True, help=text)(function)
-    return function
+    return click.option(
+        "--destination-limit", "destination_limits", multiple=True, metavar="PATTERN=CONCURRENT/RATE[/BURST]",
+        envvar="PGNET_DESTINATION_LIMIT", show_envvar=True,
+        help="Per destination host matching PATTERN (api.example.com, *.example.com, *): at most CONCURRENT "
+             "in flight and RATE per second across every worker; written into net.destination_limits at "
+             "start. Repeatable (env: space-separated).")(function)
 
 
 @cli.command()

@@ -12,6 +12,7 @@ import psycopg
 
 from .db import database_errors
 from .model import Request, Response
+from .settings import DestinationLimit
 from .schema import sql_dir
 
 _HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -33,11 +34,13 @@ class Queue:
         self.owner = owner
         self._sql = queries()
 
-    def claim(self, limit: int, grace_s: float) -> list[Request]:
-        """Lease up to limit requests to this worker and return them, oldest first."""
+    def claim(self, limit: int, grace_s: float, limited: bool = False) -> list[Request]:
+        """Lease up to limit requests to this worker and return them, oldest first; limited: only
+        those the per-destination limits let through now."""
         with database_errors("claiming requests"):
             rows = self.conn.execute(
-                self._sql["claim"], {"limit": limit, "owner": self.owner, "grace_s": grace_s}
+                self._sql["claim_limited" if limited else "claim"],
+                {"limit": limit, "owner": self.owner, "grace_s": grace_s},
             ).fetchall()
         rows.sort()
         return [
@@ -68,6 +71,24 @@ class Queue:
                 if calls:
                     self.conn.execute(self._sql["run_callbacks"], {"calls": json.dumps(calls)})
                 return written
+
+    def limits_active(self) -> tuple[bool, bool]:
+        """Return whether net.destination_limits has any row, and any concurrency limit."""
+        with database_errors("reading destination limits"):
+            return self.conn.execute(self._sql["limits_active"]).fetchone()
+
+    def limits_due_s(self) -> float | None:
+        """Return seconds until a host held back by its rate limit may send again, or None."""
+        with database_errors("reading destination limits"):
+            return self.conn.execute(self._sql["limits_due"]).fetchone()[0]
+
+    def set_destination_limits(self, limits: tuple[DestinationLimit, ...]) -> None:
+        """Insert or replace the rows of net.destination_limits that serve's flags name."""
+        with database_errors("setting destination limits"), self.conn.transaction():
+            for limit in limits:
+                self.conn.execute(self._sql["set_destination_limit"], {
+                    "host_pattern": limit.host_pattern, "max_concurrent": limit.max_concurrent,
+                    "max_per_second": limit.max_per_second, "burst": limit.burst})
 
     def signing_keys(self) -> list[tuple[str, bytes, float | None]]:
         """Return (key_id, secret, expiry epoch or None) of every key that has not expired."""
@@ -108,6 +129,10 @@ class Queue:
     def delete_expired_archive(self, ttl_s: float, limit: int) -> int:
         with database_errors("deleting expired failed requests"):
             return self.conn.execute(self._sql["delete_expired_archive"], {"ttl_s": ttl_s, "limit": limit}).rowcount
+
+    def delete_idle_buckets(self) -> int:
+        with database_errors("deleting idle destination buckets"):
+            return self.conn.execute(self._sql["delete_idle_buckets"]).rowcount
 
     def sample(self) -> tuple[int, float | None]:
         """Return (requests queued or in flight, age in seconds of the oldest one or None)."""

@@ -72,7 +72,7 @@ def serve(dsns: list[str], data_dir: str | None, install_schema: bool, tuning: d
     metrics_dir.prepare()
     from .supervisor import Supervisor  # after prepare(): it imports prometheus_client
 
-    values = {_FLAG_TO_SETTING.get(name, name): value for name, value in tuning.items()}
+    values = {_FLAG_TO_SETTING.get(name, name): value for name, value in tuning.items() if value != ()}
     embedded = None
     worker_dsns = list(dsns)
     if not dsns:

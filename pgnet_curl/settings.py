@@ -18,6 +18,16 @@ DEFAULT_TTL = timedelta(hours=6)
 
 
 @dataclass(frozen=True)
+class DestinationLimit:
+    """One row of net.destination_limits, as `--destination-limit PATTERN=CONCURRENT/RATE[/BURST]` gives it."""
+
+    host_pattern: str
+    max_concurrent: int | None = None
+    max_per_second: float | None = None
+    burst: float | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a worker process needs to know; immutable, replaced on reload."""
 
@@ -72,6 +82,8 @@ class Settings:
     deny_cidrs: tuple[str, ...] = ()
     allow_cidrs: tuple[str, ...] = ()
     deny_private: bool = False
+    # Per-destination limits serve writes into net.destination_limits at start.
+    destination_limits: tuple[DestinationLimit, ...] = ()
     # Which settings came from flags/env and so win over the database's pg_net.* values.
     pinned: frozenset = frozenset()
 
@@ -92,6 +104,10 @@ def build(**overrides) -> Settings:
     unknown = set(given) - known
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+    if "destination_limits" in given:
+        given["destination_limits"] = tuple(
+            limit if isinstance(limit, DestinationLimit) else parse_destination_limit(limit)
+            for limit in given["destination_limits"])
     if "ttl" in given and not isinstance(given["ttl"], timedelta):
         given["ttl"] = parse_interval("--ttl", given["ttl"], DEFAULT_TTL)
     for name, flag in (("deny_cidrs", "--deny-cidr"), ("allow_cidrs", "--allow-cidr")):
@@ -224,3 +240,27 @@ def parse_interval(name: str, text: str | None, default: timedelta) -> timedelta
         total_s += float(match.group(1)) * _INTERVAL_UNITS[match.group(2)]
         position = match.end()
     return timedelta(seconds=total_s)
+
+
+_DESTINATION_LIMIT_FORMAT = "PATTERN=CONCURRENT/RATE[/BURST], e.g. api.example.com=10/50 or *.example.com=/20"
+
+
+def parse_destination_limit(text: str) -> DestinationLimit:
+    """Parse `PATTERN=CONCURRENT/RATE[/BURST]`; an empty part sets no limit of that kind."""
+    pattern, equals, values = text.strip().partition("=")
+    parts = values.split("/")
+    if not equals or not pattern.strip() or not 2 <= len(parts) <= 3:
+        raise ConfigError(f"--destination-limit must be {_DESTINATION_LIMIT_FORMAT}, got {text!r}")
+    concurrent, rate, burst = (parts + [""])[:3]
+    try:
+        limit = DestinationLimit(pattern.strip(), int(concurrent) if concurrent.strip() else None,
+                                 float(rate) if rate.strip() else None, float(burst) if burst.strip() else None)
+    except ValueError:
+        raise ConfigError(f"--destination-limit must be {_DESTINATION_LIMIT_FORMAT}, got {text!r}") from None
+    if limit.max_concurrent is None and limit.max_per_second is None:
+        raise ConfigError(f"--destination-limit {text!r} sets neither a concurrency nor a rate")
+    if ((limit.max_concurrent is not None and limit.max_concurrent < 1)
+            or (limit.max_per_second is not None and not limit.max_per_second > 0)
+            or (limit.burst is not None and not limit.burst >= 1)):
+        raise ConfigError(f"--destination-limit {text!r}: concurrency must be at least 1, rate above 0, burst at least 1")
+    return limit

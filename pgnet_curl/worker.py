@@ -100,8 +100,14 @@ class Worker:
         self.want_claim = True
         self._reload_requested = False
         self._reload_keys_requested = False
-        # Monotonic times at which retries this worker put back become due (a heap).
+        # Monotonic times at which retries this worker put back become due, and hosts its
+        # claims found held back by a rate limit get tokens again (a heap): claim again then.
         self._retries_due_s: list[float] = []
+        # Whether net.destination_limits has rows (claim with claim_limited then), and whether
+        # any caps concurrency (then a write-back may free a slot: claim again after it).
+        self._limits_active = self._concurrency_limited = False
+        self._reload_limits_requested = False
+        self._limits_written_oid: int | None = None
         self._restart_requested = False
         self._backend_pid = 0
         self._next_help_s = 0.0
@@ -333,7 +339,11 @@ class Worker:
             return
         limit = min(self.settings.batch_size, self._free_slots())
         try:
-            requests = self.queue.claim(limit, self.settings.lease_grace_s)
+            requests = self.queue.claim(limit, self.settings.lease_grace_s, limited=self._limits_active)
+            if self._limits_active and len(requests) < limit:
+                due_s = self.queue.limits_due_s()
+                if due_s is not None:
+                    heapq.heappush(self._retries_due_s, time.monotonic() + due_s)
         except PgnetCurlError as exc:
             self._on_db_error(exc)
             return
@@ -459,6 +469,9 @@ class Worker:
 
     def _count_written(self, batch: list[Response], written: int, duration_s: float) -> None:
         self.stats["written"] += written
+        if self._concurrency_limited and written:
+            # A finished request may free a host's concurrency that held rows back.
+            self.want_claim = True
         self.stats["lease_lost"] += len(batch) - written
         self.metrics.write_batch_duration_seconds.observe(duration_s)
         self.metrics.write_batch_size.observe(len(batch))
@@ -523,6 +536,8 @@ class Worker:
             self._reload_keys_requested = True
         elif notify.channel == db.CONTROL_CHANNEL and notify.payload == "installed":
             self._next_check_s = 0.0
+        elif notify.channel == db.CONTROL_CHANNEL and notify.payload == "destination_limits":
+            self._reload_limits_requested = True
 
     _last_connect_error: PgnetCurlError | None = None
 
@@ -538,7 +553,9 @@ class Worker:
             queue_oid, batch_size, ttl = queue.check()
             self.settings = self.settings.with_database_values(batch_size, ttl)
             queue_oid = self._usable(queue_oid, conn)
-            self._signing_keys = queue.signing_keys() if queue_oid is not None else []
+            if queue_oid is not None:
+                self._signing_keys = queue.signing_keys()
+                self._limits_active, self._concurrency_limited = queue.limits_active()
         except PgnetCurlError as exc:
             conn.close()
             self._last_connect_error = exc
@@ -559,6 +576,22 @@ class Worker:
         self._oldest_pending_s = 0.0
         self._next_check_s = time.monotonic() + self._check_interval_s()
         self._adopt_schema(queue_oid, fresh_session=True)
+        self._write_flag_limits()
+
+    def _write_flag_limits(self) -> None:
+        """Worker 1 writes serve's --destination-limit rows into each schema it serves (a
+        reinstall drops them); their NOTIFY tells every worker of the database."""
+        if not (self.serving and self.index == 1 and self.settings.destination_limits
+                and self._limits_written_oid != self._queue_oid):
+            return
+        try:
+            self.queue.set_destination_limits(self.settings.destination_limits)
+        except PgnetCurlError as exc:
+            log.warning("worker %d could not write the --destination-limit rows (%s)", self.index, exc)
+            return
+        self._limits_written_oid = self._queue_oid
+        log.info("destination limits set: %s", ", ".join(
+            limit.host_pattern for limit in self.settings.destination_limits))
 
     def _schedule_reconnect(self, exc: PgnetCurlError) -> None:
         delay_s = self._reconnect_delay_s * random.uniform(0.8, 1.2)
@@ -688,9 +721,15 @@ class Worker:
                 if self.index == 1:
                     self._sample_queue()
             if self._reload_keys_requested or now >= self._next_keys_s:
+                # Also a safety net under the NOTIFYs of key and limit changes.
+                self._reload_limits_requested = True
                 self._reload_keys_requested = False
                 self._next_keys_s = now + _SIGNING_KEYS_REFRESH_S
                 self._signing_keys = self.queue.signing_keys()
+            if self._reload_limits_requested:
+                self._reload_limits_requested = False
+                self._limits_active, self._concurrency_limited = self.queue.limits_active()
+                self.want_claim = True
             if now >= self._next_ttl_sweep_s:
                 self._sweep_expired()
                 self._next_ttl_sweep_s = now + self.settings.ttl_sweep_interval_s
@@ -731,3 +770,5 @@ class Worker:
         for _ in range(_TTL_SWEEP_MAX_STATEMENTS):
             if self.queue.delete_expired_archive(ttl_s, self.settings.ttl_sweep_rows) < self.settings.ttl_sweep_rows:
                 break
+        if self._limits_active:
+            self.queue.delete_idle_buckets()

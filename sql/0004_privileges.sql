@@ -127,6 +127,13 @@ begin
         grant select, insert, delete on net._http_request_archive to pgnet_worker;
         grant select on net._schema_migrations, net._install_options, net.signing_keys to pgnet_worker;
         grant execute on function net._run_callbacks(jsonb), net._check_callback(regprocedure, name) to pgnet_worker;
+        -- Per-destination limits (sql/0008_destination_limits.sql): serve writes its flags' rows.
+        if to_regclass('net.destination_limits') is not null then
+            grant select, insert, update on net.destination_limits to pgnet_worker;
+            grant select, insert, update, delete on net._destination_buckets, net._destination_leases to pgnet_worker;
+            grant execute on function net._claim_limited(text, int, float8), net._destination_limits_due_s(),
+                net._destination_limits_for(text[]) to pgnet_worker;
+        end if;
     end if;
 
     if exists (select from pg_roles where rolname = 'pgnet_user') then

@@ -26,6 +26,39 @@ returning id, method, url, headers::text, body, timeout_milliseconds,
           retries, max_retries, retry_backoff_ms, notify_channel is not null or callback is not null,
           idempotency_key, signing_key_id, callback::oid, requested_by, tableoid;
 
+-- name: claim_limited
+-- The claim while net.destination_limits has rows: the same lease, on the rows the per-host
+-- limits let through now (sql/0008_destination_limits.sql chooses them and takes their tokens).
+update net.http_request_queue
+set lease_owner = %(owner)s,
+    lease_expires_at = clock_timestamp()
+        + make_interval(secs => timeout_milliseconds / 1000.0 + %(grace_s)s),
+    attempts = attempts + 1
+where id = any((select net._claim_limited(%(owner)s, %(limit)s, %(grace_s)s))::bigint[])
+returning id, method, url, headers::text, body, timeout_milliseconds,
+          attempts, extract(epoch from created_at)::float8,
+          retries, max_retries, retry_backoff_ms, notify_channel is not null or callback is not null,
+          idempotency_key, signing_key_id, callback::oid, requested_by;
+
+-- name: limits_active
+-- Whether any per-destination limit is set (the worker claims with claim_limited if so), and
+-- whether any caps concurrency (a finished request may then let a held-back one go).
+select count(*) > 0, count(max_concurrent) > 0 from net.destination_limits;
+
+-- name: limits_due
+-- Seconds until a host that limits held back can send again (NULL: none is waiting for tokens).
+select net._destination_limits_due_s();
+
+-- name: set_destination_limit
+-- A `serve --destination-limit` flag: insert or replace the pattern's row.
+insert into net.destination_limits as l (host_pattern, max_concurrent, max_per_second, burst, source)
+values (%(host_pattern)s, %(max_concurrent)s, %(max_per_second)s, %(burst)s, 'serve')
+on conflict (host_pattern) do update
+set max_concurrent = excluded.max_concurrent, max_per_second = excluded.max_per_second,
+    burst = excluded.burst, source = 'serve'
+where (l.max_concurrent, l.max_per_second, l.burst, l.source)
+      is distinct from (excluded.max_concurrent, excluded.max_per_second, excluded.burst, 'serve');
+
 -- name: write_back
 -- Store finished responses of the requests this worker still owns and dequeue them, or put
 -- a request that will be tried again back with its not-before time, in one statement. A row
@@ -48,6 +81,10 @@ with r as (
     from r
     where q.id = r.id and r.retry_in_ms is not null and q.lease_owner = %(owner)s
     returning q.id
+), unleased as (
+    -- The per-destination concurrency these requests held (sql/0008_destination_limits.sql).
+    delete from net._destination_leases
+    where id = any(array(select id from r)) and owner = %(owner)s
 ), done as (
     delete from net.http_request_queue
     where id = any(array(select id from r where retry_in_ms is null)) and lease_owner = %(owner)s
@@ -95,12 +132,18 @@ order by key_id, created_at;
 -- name: release
 -- Give back requests this worker claimed but will not finish (shutdown), for others to take.
 -- Not counted as an attempt: the worker stopped on purpose.
+with unleased as (
+    delete from net._destination_leases where id = any(%(ids)s::bigint[]) and owner = %(owner)s
+)
 update net.http_request_queue
 set lease_owner = null, lease_expires_at = null, attempts = greatest(attempts - 1, 0)
 where id = any(%(ids)s::bigint[]) and lease_owner = %(owner)s;
 
 -- name: release_all
 -- Give back every request a dead worker held (the supervisor names it). Its attempt counts.
+with unleased as (
+    delete from net._destination_leases where owner = %(owner)s
+)
 update net.http_request_queue
 set lease_owner = null, lease_expires_at = null
 where lease_owner = %(owner)s;
@@ -137,6 +180,20 @@ where id = any(array(
     where archived_at < now() - make_interval(secs => %(ttl_s)s)
     limit %(limit)s
 ));
+
+-- name: delete_idle_buckets
+-- Forget the token buckets that are full again (a new bucket starts full, so nothing changes),
+-- and the slots of requests whose lease expired (their workers died).
+with expired as (
+    delete from net._destination_leases where expires_at <= clock_timestamp()
+)
+delete from net._destination_buckets b
+using net.destination_limits l
+where l.host_pattern = b.host_pattern
+  and (l.max_per_second is null
+       or b.tokens + l.max_per_second * extract(epoch from clock_timestamp() - b.refilled_at)
+          >= coalesce(l.burst, greatest(1, l.max_per_second / 10)))
+  and not exists (select from net._destination_leases d where d.host = b.host and d.expires_at > clock_timestamp());
 
 -- name: sample
 -- Queue depth and the age in seconds of the oldest request (ids follow creation order).

@@ -9,6 +9,7 @@ loopback addresses (127.0.0.1 by default, ::1 when asked).
         fetch(server.url_for("/echo?a=1"))
         assert server.hits("/echo") == 1      # counted before the answer is sent
         server.requests[-1]["headers"]        # last 10,000 requests, as dicts
+        server.requests[-1]["at_s"]           # monotonic arrival ("answered_at_s": answer)
         server.wait_for_hits(3, "/hang")      # block instead of sleeping
         server.reset()                        # clear counters and log
 
@@ -98,7 +99,7 @@ class _Request:
 
     __slots__ = ("method", "path", "query", "version", "headers", "body",
                  "keep_alive", "head_only", "content_length", "chunked",
-                 "expect_continue")
+                 "expect_continue", "entry")
 
     def __init__(self, method: str, path: str, query: str, version: str,
                  headers: list[tuple[str, str]]):
@@ -113,6 +114,7 @@ class _Request:
         self.content_length = 0
         self.chunked = False
         self.expect_continue = False
+        self.entry: Optional[dict] = None  # its log entry, to stamp the answer's time
 
 
 class _BadRequest(Exception):
@@ -391,6 +393,8 @@ class _Connection(asyncio.BufferedProtocol):
         if status not in (204, 304) and not 100 <= status < 200:
             all_headers.append(("Content-Length", str(len(body))))
         head = _response_head(status, all_headers, request.keep_alive)
+        if request.entry is not None:
+            request.entry["answered_at_s"] = time.monotonic()
         if request.head_only or status in (204, 304):
             self.transport.write(head)
         else:
@@ -691,7 +695,7 @@ def _query_value(request: _Request, name: str) -> Optional[str]:
 class HttpTestServer:
     """Serve the test endpoints on a loopback address from a background thread."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, log_size: int = REQUEST_LOG_SIZE):
         if not ipaddress.ip_address(host).is_loopback:
             raise ValueError(f"refusing to bind non-loopback address {host!r}")
         self.host = host
@@ -700,7 +704,7 @@ class HttpTestServer:
         self._hit_changed = threading.Condition(self._lock)
         self._waiter_count = 0
         self._hits: collections.Counter[str] = collections.Counter()
-        self._log: collections.deque[dict] = collections.deque(maxlen=REQUEST_LOG_SIZE)
+        self._log: collections.deque[dict] = collections.deque(maxlen=log_size)
         self._connections: set[_Connection] = set()
         self._write_paused = threading.Event()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -798,6 +802,7 @@ class HttpTestServer:
         entry = {"method": request.method, "path": request.path,
                  "query": request.query, "headers": request.headers,
                  "body": request.body, "at_s": time.monotonic()}
+        request.entry = entry
         with self._lock:
             self._hits[request.path] += 1
             self._log.append(entry)

@@ -60,6 +60,9 @@ WORKER = {
     "_schema_migrations": {"SELECT"},
     "_install_options": {"SELECT"},
     "signing_keys": {"SELECT"},
+    "destination_limits": {"SELECT", "INSERT", "UPDATE"},
+    "_destination_buckets": {"SELECT", "INSERT", "UPDATE", "DELETE"},
+    "_destination_leases": {"SELECT", "INSERT", "UPDATE", "DELETE"},
 }
 
 

@@ -594,3 +594,17 @@ def test_hits_by_prefix_and_reset(server):
     assert server.wait_for_hits(5) and not server.wait_for_hits(6, timeout_s=0.01)
     server.reset()
     assert server.hits() == 0 and server.requests == []
+
+
+def test_the_log_stamps_arrival_and_answer_times(server):
+    fetch(server.url_for("/delay/100"))
+    entry = server.requests[-1]
+    assert entry["answered_at_s"] - entry["at_s"] >= 0.1
+
+
+def test_the_log_keeps_as_many_requests_as_asked():
+    with HttpTestServer(log_size=3) as small:
+        for n in range(5):
+            fetch(small.url_for(f"/status/{200 + n}"))
+        assert [entry["path"] for entry in small.requests] == ["/status/202", "/status/203", "/status/204"]
+        assert small.hits("/status/") == 5
