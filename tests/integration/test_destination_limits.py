@@ -12,7 +12,6 @@ from http_server import HttpTestServer
 from helpers import wait_until
 from pgnet_curl.model import Response
 from pgnet_curl.queue import Queue
-from test_security import make_role, worker_dsn  # noqa: F401 - fixtures
 
 
 @pytest.fixture(scope="module")
