@@ -552,10 +552,14 @@ class Worker:
         try:
             queue_oid, batch_size, ttl = queue.check()
             self.settings = self.settings.with_database_values(batch_size, ttl)
-            queue_oid = self._usable(queue_oid, conn)
-            if queue_oid is not None:
-                self._signing_keys = queue.signing_keys()
-                self._limits_active, self._concurrency_limited = queue.limits_active()
+            try:
+                queue_oid = self._usable(queue_oid, conn)
+                if queue_oid is not None:
+                    self._signing_keys = queue.signing_keys()
+                    self._limits_active, self._concurrency_limited = queue.limits_active()
+            except SchemaError:
+                # Dropped between the check and these reads: connected, waiting for it.
+                queue_oid = None
         except PgnetCurlError as exc:
             conn.close()
             self._last_connect_error = exc
