@@ -2,29 +2,71 @@
 --
 -- Any method token (PUT, PATCH, HEAD, OPTIONS, ...) and any body: bytes sent as given, with
 -- whatever Content-Type the headers name (none is added). pg_net's functions keep their rules.
+-- The delivery options (max_retries ... callback) are stored in the columns that version 7
+-- (sql/0007_delivery.sql) adds; the whole function lives here, once. An install of version 3
+-- had the six-argument form: drop it, or calls with six arguments would be ambiguous.
+drop function if exists net.http_request(text, text, bytea, jsonb, jsonb, int);
 create or replace function net.http_request(
     method text,
     url text,
     body bytea default null,
     params jsonb default '{}'::jsonb,
     headers jsonb default '{}'::jsonb,
-    timeout_milliseconds int default 5000
+    timeout_milliseconds int default 5000,
+    max_retries int default null,
+    retry_backoff_milliseconds int default null,
+    notify_channel text default null,
+    idempotency_key text default null,
+    signing_key_id text default null,
+    callback text default null
 )
     returns bigint
     language plpgsql
     volatile
 as $$
+declare
+    request_id bigint;
+    -- A name means the function of that name taking the request id (bigint).
+    callback_fn regprocedure := case
+        when callback is null then null
+        when strpos(callback, '(') > 0 then callback::regprocedure
+        else (callback || '(bigint)')::regprocedure end;
 begin
     if method is null or method !~ '^[!#$%&''*+.^_`|~0-9A-Za-z-]+$' then
         raise exception 'method must be an HTTP method token such as GET, PUT or PATCH, got %',
             coalesce(quote_literal(method), 'NULL')
             using errcode = 'invalid_parameter_value';
     end if;
-    return net._queue_request(method, url, params, headers, body, timeout_milliseconds);
+    if max_retries < 0 or retry_backoff_milliseconds <= 0 then
+        raise exception 'max_retries must be 0 or more and retry_backoff_milliseconds positive'
+            using errcode = 'invalid_parameter_value';
+    end if;
+    if notify_channel = '' or length(notify_channel) > 63 then
+        raise exception 'notify_channel must be a channel name of 1 to 63 bytes' using errcode = 'invalid_parameter_value';
+    end if;
+    if signing_key_id is not null and not net._has_signing_key(signing_key_id) then
+        raise exception 'no signing key named %: create one with net.rotate_signing_key(%)', quote_literal(signing_key_id), quote_literal(signing_key_id)
+            using errcode = 'invalid_parameter_value';
+    end if;
+    perform net._check_callback(callback_fn, net._caller());
+    request_id := net._queue_request(method, url, params, headers, body, timeout_milliseconds);
+    if num_nonnulls(max_retries, retry_backoff_milliseconds, notify_channel, idempotency_key, signing_key_id, callback_fn) > 0 then
+        update net.http_request_queue q
+        set max_retries = http_request.max_retries,
+            retry_backoff_ms = retry_backoff_milliseconds,
+            notify_channel = http_request.notify_channel,
+            -- Signed requests always carry a webhook-id: the same on every retry and replay.
+            idempotency_key = coalesce(http_request.idempotency_key,
+                                       case when http_request.signing_key_id is not null then 'msg_' || request_id end),
+            signing_key_id = http_request.signing_key_id,
+            callback = callback_fn
+        where q.id = request_id;
+    end if;
+    return request_id;
 end
 $$;
 
-comment on function net.http_request(text, text, bytea, jsonb, jsonb, int) is
-    'Queue a request with any method and body (pgnet-curl); returns the request id.';
+comment on function net.http_request(text, text, bytea, jsonb, jsonb, int, int, int, text, text, text, text) is
+    'Queue a request with any method and body, and delivery options (pgnet-curl); returns the request id.';
 
 insert into net._schema_migrations(version) values (3) on conflict do nothing;
