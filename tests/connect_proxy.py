@@ -16,6 +16,8 @@ import base64
 import selectors
 import socket
 import threading
+
+from threaded_listener import ThreadedListener, close_quietly
 from urllib.parse import urlsplit
 
 SOCKET_TIMEOUT_S = 10.0
@@ -23,56 +25,22 @@ MAX_HEAD_BYTES = 64 * 1024
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
-class ConnectProxy:
+class ConnectProxy(ThreadedListener):
     """Tunnel CONNECT and relay absolute-form requests to loopback targets, counting each."""
 
     def __init__(self, credentials: str | None = None):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
+        super().__init__()
         self._expected_auth = ("Basic " + base64.b64encode(credentials.encode()).decode()
                                if credentials else None)
-        self._lock = threading.Lock()
         self.connects: list[str] = []
         self.forwards: list[str] = []
         self.refused = 0
-        self._sockets: set[socket.socket] = set()
-        self._stopped = False
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "ConnectProxy":
-        threading.Thread(target=self._accept_loop, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self._stopped = True
-        # shutdown() wakes the thread blocked in accept(); close() alone would leave it accepting.
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
-        with self._lock:
-            for sock in self._sockets:
-                _close(sock)
-
-    def __enter__(self) -> "ConnectProxy":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def _accept_loop(self) -> None:
-        while not self._stopped:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
+    def serve_connection(self, client: socket.socket) -> None:
         client.settimeout(SOCKET_TIMEOUT_S)
         upstream = None
         with self._lock:
@@ -123,9 +91,9 @@ class ConnectProxy:
                 self._sockets.discard(client)
                 if upstream is not None:
                     self._sockets.discard(upstream)
-            _close(client)
+            close_quietly(client)
             if upstream is not None:
-                _close(upstream)
+                close_quietly(upstream)
 
 
 def _read_head(sock: socket.socket) -> tuple[bytes | None, bytes]:
@@ -159,9 +127,3 @@ def _pump(client: socket.socket, upstream: socket.socket) -> None:
     finally:
         selector.close()
 
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.close()
-    except OSError:
-        pass

@@ -21,6 +21,8 @@ import socket
 import ssl
 import threading
 
+from threaded_listener import ThreadedListener, close_quietly
+
 import h2.config
 import h2.connection
 import h2.events
@@ -41,41 +43,14 @@ def server_context(ca, *, alpn: tuple[str, ...] = ("h2", "http/1.1"), require_cl
     return context
 
 
-class ProtocolServer:
+class ProtocolServer(ThreadedListener):
     """Answer every request with the protocol it came over; log each request."""
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None):
+        super().__init__()
         self.ssl_context = ssl_context
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self._lock = threading.Lock()
         self._requests: list[dict] = []
-        self._sockets: set[socket.socket] = set()
         self.handshake_failures = 0
-        self.connections = 0
-        self._stopped = False
-
-    def start(self) -> "ProtocolServer":
-        threading.Thread(target=self._accept_loop, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self._stopped = True
-        # shutdown() wakes the thread blocked in accept(); close() alone would leave it accepting.
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
-        with self._lock:
-            for sock in self._sockets:
-                _close(sock)
-
-    def __enter__(self) -> "ProtocolServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def url_for(self, path: str, host: str = "127.0.0.1") -> str:
         scheme = "https" if self.ssl_context else "http"
@@ -86,17 +61,8 @@ class ProtocolServer:
         with self._lock:
             return list(self._requests)
 
-    def _accept_loop(self) -> None:
-        while not self._stopped:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.connections += 1
-            threading.Thread(target=self._serve_connection, args=(client,), daemon=True).start()
 
-    def _serve_connection(self, client: socket.socket) -> None:
+    def serve_connection(self, client: socket.socket) -> None:
         client.settimeout(SOCKET_TIMEOUT_S)
         sock = client
         with self._lock:
@@ -123,7 +89,7 @@ class ProtocolServer:
             with self._lock:
                 self._sockets.discard(client)
                 self._sockets.discard(sock)
-            _close(sock)
+            close_quietly(sock)
 
     def _record(self, protocol: str, method: str, path: str, headers: list[tuple[str, str]],
                 sock: socket.socket) -> bytes:
@@ -208,9 +174,3 @@ def _client_common_name(sock: socket.socket) -> str | None:
                 return value
     return None
 
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.close()
-    except OSError:
-        pass
