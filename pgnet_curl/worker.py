@@ -664,7 +664,10 @@ class Worker:
         """
         if queue_oid is None or (queue_oid == self._queue_oid and self.serving):
             return queue_oid
-        installed = schema.installed_version(conn)
+        try:
+            installed = schema.installed_version(conn)
+        except SchemaError:
+            return None  # dropped again since the check: wait for the next install
         if installed is not None and installed >= _SCHEMA_VERSION:
             self._outdated_seen = None
             return queue_oid

@@ -54,9 +54,9 @@ comment on table net.destination_limits is
     'Per destination host: at most max_concurrent requests in flight and max_per_second sent (pgnet-curl).';
 
 -- One token bucket per limited host that has been claimed from, and the times (epoch seconds)
--- of its requests claimed in the last 1.01 s: no 1 s window ever holds more than the rate
--- (rounded up), whatever the bucket allows; the extra 10 ms absorb the jitter between claim
--- and send. Kept for rates up to 1000/s (an array element per
+-- of its requests claimed in the last 1.05 s: no 1 s window ever holds more than the rate
+-- (rounded up), whatever the bucket allows; the extra 50 ms absorb the jitter between claim
+-- and send (10 ms measured 8 windows of 20,000 over the rate at the receiver). Kept for rates up to 1000/s (an array element per
 -- request); above, the bucket alone limits (any 1 s window: at most rate + burst).
 create table if not exists net._destination_buckets(
     host text primary key,
@@ -182,7 +182,7 @@ begin
         select b.host,
                coalesce(b.tokens + l.max_per_second * extract(epoch from now_ts - b.refilled_at) < 1
                         or (l.max_per_second <= 1000 and (select count(*) from unnest(b.sent_at) x
-                            where x > extract(epoch from now_ts) - 1.01) >= ceil(l.max_per_second)), false) as no_tokens,
+                            where x > extract(epoch from now_ts) - 1.05) >= ceil(l.max_per_second)), false) as no_tokens,
                coalesce((select count(*) from net._destination_leases d
                          where d.host = b.host and d.expires_at > now_ts) >= l.max_concurrent, false) as full
         from net._destination_buckets b
@@ -231,7 +231,7 @@ begin
                 rate_allowance := least(rate_allowance, floor(bucket.tokens)::int);
                 if lim.max_per_second <= 1000 then
                     window_n := ceil(lim.max_per_second)::int;
-                    recent := array(select x from unnest(bucket.sent_at) x where x > now_epoch - 1.01 order by x);
+                    recent := array(select x from unnest(bucket.sent_at) x where x > now_epoch - 1.05 order by x);
                     rate_allowance := least(rate_allowance, window_n - cardinality(recent));
                 end if;
                 allowance := greatest(0, rate_allowance);
@@ -284,7 +284,7 @@ begin
     now_epoch := extract(epoch from clock_timestamp());
     select min(greatest(0.001,
                         (t.target - (b.tokens + t.rate * (now_epoch - extract(epoch from b.refilled_at)))) / t.rate,
-                        case when t.rate <= 1000 and w.leave > 0 then w.recent[w.leave] + 1.01 - now_epoch else 0 end))
+                        case when t.rate <= 1000 and w.leave > 0 then w.recent[w.leave] + 1.05 - now_epoch else 0 end))
     into due_s
     from net._destination_buckets b
     join lateral (select l.max_per_second::float8 as rate,
@@ -292,7 +292,7 @@ begin
                                coalesce(l.burst, greatest(1, l.max_per_second / 10)))::float8 as target
                   from net.destination_limits l where l.host_pattern = b.host_pattern) t on true
     cross join lateral (select r.recent, cardinality(r.recent) - ceil(t.rate)::int + least(ceil(t.target), ceil(t.rate))::int as leave
-                        from (select array(select x from unnest(b.sent_at) x where x > now_epoch - 1.01 order by x) as recent) r) w
+                        from (select array(select x from unnest(b.sent_at) x where x > now_epoch - 1.05 order by x) as recent) r) w
     where b.host = any(rate_held) and t.rate is not null
       and (b.taken_by is null or b.taken_by = _claim_limited.owner
            or b.taken_at < clock_timestamp() - make_interval(secs => 1 + t.target / t.rate));

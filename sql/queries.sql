@@ -35,10 +35,11 @@ set lease_owner = %(owner)s,
         + make_interval(secs => timeout_milliseconds / 1000.0 + %(grace_s)s),
     attempts = attempts + 1
 where id = any((select net._claim_limited(%(owner)s, %(limit)s, %(grace_s)s))::bigint[])
+-- Exactly claim's columns: the worker reads both the same way.
 returning id, method, url, headers::text, body, timeout_milliseconds,
           attempts, extract(epoch from created_at)::float8,
           retries, max_retries, retry_backoff_ms, notify_channel is not null or callback is not null,
-          idempotency_key, signing_key_id, callback::oid, requested_by;
+          idempotency_key, signing_key_id, callback::oid, requested_by, tableoid;
 
 -- name: limits_active
 -- Whether any per-destination limit is set (the worker claims with claim_limited if so), and

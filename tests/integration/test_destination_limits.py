@@ -54,8 +54,8 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
 def test_a_rate_limit_holds_across_workers_and_serve_processes_and_spares_other_hosts(
         db, db_dsn, worker_dsn, serve, http_server, other_host_server):
     rate, burst, count = 50, 5, 150
-    serve(db_dsn, workers=2)
-    serve(worker_dsn, workers=2, wait=False).wait_ready(expected_workers=4)
+    first = serve(db_dsn, workers=2)
+    second = serve(worker_dsn, workers=2, wait=False).wait_ready(expected_workers=4)
     # Set while serving: the workers hear of it and switch to the limited claim.
     db.execute("insert into net.destination_limits(host_pattern, max_per_second, burst) values ('127.0.0.1', %s, %s)",
                (rate, burst))
@@ -71,7 +71,12 @@ def test_a_rate_limit_holds_across_workers_and_serve_processes_and_spares_other_
     assert responses_stored(db, limited) < count - 20, "the limited host was still waiting meanwhile"
     assert other_host_s < 1.0
 
-    wait_until(lambda: responses_stored(db, limited) == count, timeout_s=15, message="the limited responses")
+    try:
+        wait_until(lambda: responses_stored(db, limited) == count, timeout_s=15, message="the limited responses")
+    except AssertionError as exc:
+        queued = db.execute("select count(*), count(lease_owner), min(not_before) from net.http_request_queue").fetchone()
+        raise AssertionError(f"{exc}\nqueue (rows, leased, not_before): {queued}\n"
+                             f"first serve:\n{first.log}\nsecond serve:\n{second.log}") from None
     arrivals_s = [entry["at_s"] for entry in http_server.requests if entry["path"] == "/fast"]
     assert len(arrivals_s) == count
     # A full bucket lets `burst` through at once, then `rate` a second: no 1 s window of claims

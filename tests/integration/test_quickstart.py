@@ -19,8 +19,15 @@ def test_serve_without_dsn_runs_embedded_postgres_end_to_end(embedded_data_dir, 
     finally:
         os.environ.update({name: value for name, value in saved.items() if value is not None})
     try:
-        found = wait_until(lambda: re.search(r"Connect with:\s+psql (\S+)", process.log), timeout_s=90,
-                           message="the printed connection string")
+        def printed():
+            if process.proc.poll() is not None:
+                raise AssertionError(f"serve exited with {process.proc.returncode}:\n{process.log}")
+            return re.search(r"Connect with:\s+psql (\S+)", process.log)
+
+        try:
+            found = wait_until(printed, timeout_s=90, message="the printed connection string")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nserve's log:\n{process.log}") from None
         dsn = found.group(1)
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("select net.wait_until_running()")

@@ -22,3 +22,11 @@ def test_install_script_is_one_locked_transaction():
     assert script.rstrip().endswith("commit;")
     assert "set unlogged" in script and "set logged" not in script
     assert "set logged" in schema.install_script(durable=True)
+
+
+def test_both_claims_return_the_same_columns():
+    from pgnet_curl.queue import queries
+
+    def returning(name):
+        return queries()[name].split("returning", 1)[1].split()
+    assert returning("claim") == returning("claim_limited")
