@@ -24,6 +24,8 @@ SERVICE_USER = "pgnet-curl"
 ROOT_DATA_DIR = Path("/var/lib/pgnet-curl")
 DEFAULT_PORT = 54329
 START_TIMEOUT_S = 60
+# Starts tried when the port chosen is taken before the server binds it.
+_START_ATTEMPTS = 3
 
 
 def default_data_dir() -> Path:
@@ -99,12 +101,24 @@ class EmbeddedPostgres:
             log.info("embedded PostgreSQL already running on port %d", running_port)
             self.port = running_port
             return self.dsn
-        self.port = free_port(self._preferred_port())
-        (self.data_dir / "port").write_text(f"{self.port}\n")
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
-        if self.fast_unsafe:
-            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        self._pg_ctl("start", "-w", "-t", str(START_TIMEOUT_S), "-l", str(self.logfile), "-o", options)
+        preferred = self._preferred_port()
+        for attempt in range(_START_ATTEMPTS):
+            self.port = free_port(preferred)
+            (self.data_dir / "port").write_text(f"{self.port}\n")
+            options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
+            if self.fast_unsafe:
+                options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            try:
+                self._pg_ctl("start", "-w", "-t", str(START_TIMEOUT_S), "-l", str(self.logfile), "-o", options)
+                return self.dsn
+            except EmbeddedServerError as exc:
+                # Another process took the port between our check and the server's bind: unless
+                # this port was asked for by number, take any other.
+                if "Address already in use" not in str(exc) or self.requested_port not in (None, 0) \
+                        or attempt == _START_ATTEMPTS - 1:
+                    raise
+                log.info("port %d was taken as PostgreSQL started; trying another", self.port)
+                preferred = 0
         return self.dsn
 
     def _preferred_port(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -132,3 +133,22 @@ def test_data_dir_under_a_closed_folder(embedded_data_dir):
         finally:
             server.stop("immediate")
     assert folder_modes(data_dir) | {data_dir: None} == before | {data_dir: None}
+
+
+def test_a_port_taken_between_the_check_and_the_start_is_given_up_for_another(embedded_data_dir, monkeypatch):
+    # Two `serve`s starting at once both find the default port free; one of them loses the bind.
+    from pgnet_curl import embedded
+
+    taken = socket.create_server(("127.0.0.1", 0))
+    real_free_port = embedded.free_port
+    answers = iter([taken.getsockname()[1]])
+    monkeypatch.setattr(embedded, "free_port", lambda preferred: next(answers, None) or real_free_port(preferred))
+    server = EmbeddedPostgres(embedded_data_dir)
+    try:
+        dsn = server.start()
+        assert server.port != taken.getsockname()[1]
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+    finally:
+        server.stop("immediate")
+        taken.close()
