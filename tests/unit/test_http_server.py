@@ -213,7 +213,8 @@ def test_main_serves_until_interrupted(signum):
         assert fetch(url + "/fast").body == b"ok"
     finally:
         process.send_signal(signum)
-        assert process.wait(timeout=5) == 0
+        # Within the server's own bounded shutdown (SHUTDOWN_TIMEOUT_S), even on a loaded machine.
+        assert process.wait(timeout=15) == 0
         process.stdout.close()
 
 
