@@ -149,6 +149,14 @@ begin
         revoke execute on function net.worker_restart() from pgnet_user;
         revoke execute on function net._apply_privileges() from pgnet_user;
         revoke execute on function net.rotate_signing_key(text, interval), net._run_callbacks(jsonb) from pgnet_user;
+        -- The worker's own claim helpers (sql/0008_destination_limits.sql).
+        for fn in
+            select p.oid::regprocedure as signature from pg_proc p
+            where p.pronamespace = 'net'::regnamespace
+              and p.proname in ('_claim_limited', '_destination_limits_due_s', '_destination_limits_for')
+        loop
+            execute format('revoke execute on function %s from pgnet_user', fn.signature);
+        end loop;
         grant select on net.http_request_queue to pgnet_user;
         execute format('grant insert (method, url, headers, body, timeout_milliseconds, replay_of, %s) '
                        'on net.http_request_queue to pgnet_user', option_columns);

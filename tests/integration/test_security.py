@@ -242,3 +242,13 @@ def test_install_creates_the_worker_login_role(db_dsn, db):
     finally:
         db.execute(sql.SQL("drop owned by {}").format(sql.Identifier(name)))
         db.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(name)))
+
+
+def test_private_mode_gives_members_no_worker_function(db_dsn, db):
+    schema.install(db_dsn, private=True)
+    granted = {name for (name,) in db.execute(
+        """select p.proname from pg_proc p where p.pronamespace = 'net'::regnamespace
+           and has_function_privilege('pgnet_user', p.oid, 'EXECUTE')""").fetchall()}
+    assert {"http_get", "http_post", "http_delete", "http_request", "retry_request"} <= granted
+    assert not granted & {"worker_restart", "rotate_signing_key", "_run_callbacks", "_claim_limited",
+                          "_destination_limits_due_s", "_destination_limits_for", "_apply_privileges"}
