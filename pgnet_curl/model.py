@@ -24,7 +24,6 @@ class Request:
     retries: int = 0
     max_retries: int | None = None
     retry_backoff_ms: int | None = None
-    has_completion_hook: bool = False
     idempotency_key: str | None = None
     signing_key_id: str | None = None
     callback_oid: int | None = None

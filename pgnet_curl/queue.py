@@ -112,11 +112,6 @@ class Queue:
         with database_errors("waking the other workers"):
             self.conn.execute(self._sql["ask_for_help"])
 
-    def read_settings(self) -> tuple[str | None, str | None]:
-        """Return (pg_net.batch_size, pg_net.ttl) as the database has them, None when unset."""
-        with database_errors("reading pg_net settings"):
-            return self.conn.execute(self._sql["read_settings"]).fetchone()
-
     def check(self) -> tuple[int | None, str | None, str | None]:
         """Return (queue table oid or None when the schema is missing, pg_net.batch_size, pg_net.ttl)."""
         with database_errors("checking the net schema and pg_net settings"):

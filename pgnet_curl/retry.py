@@ -4,7 +4,6 @@ backoff with full jitter, capped, and the receiver's Retry-After honoured up to 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
 import pycurl
@@ -18,15 +17,6 @@ _TRANSIENT_CURL_CODES = frozenset({
     pycurl.E_SSL_CONNECT_ERROR, pycurl.E_HTTP2,
     92,  # CURLE_HTTP2_STREAM (pycurl names no constant for it)
 })
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Server-wide defaults; a request's own max_retries / retry_backoff_ms win."""
-
-    max_retries: int = 0
-    backoff_ms: int = 1000
-    backoff_cap_ms: int = 300_000
 
 
 def is_transient(status_code: int | None, curl_code: int, timed_out: bool) -> bool:

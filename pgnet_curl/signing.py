@@ -7,13 +7,6 @@ import base64
 import hashlib
 import hmac
 
-SECRET_PREFIX = "whsec_"
-
-
-def secret_text(secret: bytes) -> str:
-    """The form receivers are given: whsec_ followed by the key in base64."""
-    return SECRET_PREFIX + base64.b64encode(secret).decode("ascii")
-
 
 def signature(msg_id: str, timestamp_s: int, body: bytes, secret: bytes) -> str:
     """One `v1,<base64>` signature."""

@@ -220,7 +220,7 @@ class Worker:
         if finished:
             if not self.pending:
                 self._oldest_pending_s = now
-            self._plan_retries(finished, now)
+            self._plan_retries(finished)
             self.pending.extend(finished)
             self._count_finished(finished)
             if log.isEnabledFor(logging.DEBUG):
@@ -423,7 +423,7 @@ class Worker:
         return [secret for kid, secret, expires in self._signing_keys
                 if kid == key_id and (expires is None or expires > now_epoch_s)]
 
-    def _plan_retries(self, finished: list[Response], now: float) -> None:
+    def _plan_retries(self, finished: list[Response]) -> None:
         """Mark the transient failures that have retries left: they go back to the queue."""
         defaults = self.settings
         for response in finished:
@@ -539,13 +539,10 @@ class Worker:
         elif notify.channel == db.CONTROL_CHANNEL and notify.payload == "destination_limits":
             self._reload_limits_requested = True
 
-    _last_connect_error: PgnetCurlError | None = None
-
     def _connect(self) -> None:
         try:
             conn = db.connect(self.settings.dsn, self.application_name, listen=True)
         except PgnetCurlError as exc:
-            self._last_connect_error = exc
             self._schedule_reconnect(exc)
             return
         queue = Queue(conn, self.owner)
@@ -562,7 +559,6 @@ class Worker:
                 queue_oid = None
         except PgnetCurlError as exc:
             conn.close()
-            self._last_connect_error = exc
             self._schedule_reconnect(exc)
             return
         conn.add_notify_handler(self._on_notify)
@@ -574,7 +570,6 @@ class Worker:
         if self._reconnect_delay_s > RECONNECT_MIN_S or self.stats["reconnects"]:
             log.info("worker %d reconnected to the database", self.index)
         self._reconnect_delay_s = RECONNECT_MIN_S
-        self._last_connect_error = None
         self.want_claim = True
         # Responses finished while we were away are written now (those whose lease held).
         self._oldest_pending_s = 0.0

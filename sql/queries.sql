@@ -23,7 +23,7 @@ where id = any(array(
 ))
 returning id, method, url, headers::text, body, timeout_milliseconds,
           attempts, extract(epoch from created_at)::float8,
-          retries, max_retries, retry_backoff_ms, notify_channel is not null or callback is not null,
+          retries, max_retries, retry_backoff_ms,
           idempotency_key, signing_key_id, callback::oid, requested_by, tableoid;
 
 -- name: claim_limited
@@ -38,7 +38,7 @@ where id = any((select net._claim_limited(%(owner)s, %(limit)s, %(grace_s)s))::b
 -- Exactly claim's columns: the worker reads both the same way.
 returning id, method, url, headers::text, body, timeout_milliseconds,
           attempts, extract(epoch from created_at)::float8,
-          retries, max_retries, retry_backoff_ms, notify_channel is not null or callback is not null,
+          retries, max_retries, retry_backoff_ms,
           idempotency_key, signing_key_id, callback::oid, requested_by, tableoid;
 
 -- name: limits_active
