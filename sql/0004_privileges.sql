@@ -61,7 +61,7 @@ declare
     public_api text[] := array['http_get', 'http_post', 'http_delete', 'http_request',
         '_http_collect_response', 'http_collect_response', '_await_response', 'wake',
         'wait_until_running', 'check_worker_is_up', '_urlencode_string', '_encode_url_with_params_array',
-        'retry_request', 'retry_requests'];
+        'retry_request', 'retry_requests', '_url_host'];
     -- Options a request function sets on a row it just queued (sql/0007_delivery.sql).
     option_columns text := 'max_retries, retry_backoff_ms, notify_channel, idempotency_key, signing_key_id, callback';
     fn record;

@@ -194,16 +194,20 @@ $$;
 -- since `since` (any time when NULL); return the new request ids.
 create or replace function net.retry_requests(host text default null, since timestamptz default null)
     returns setof bigint
-    language sql
+    language plpgsql
     volatile
 as $$
+begin
+    -- The host as the queue's `host` column has it (net._url_host, sql/0008): lower case, no
+    -- port, no IPv6 brackets.
+    return query
     select net.retry_request(f.id)
     from net.failed_requests f
     where f.replayed_as is null
-      and (retry_requests.host is null
-           or lower(substring(f.url from '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#@]*@)?(\[[^\]]*\]|[^/?#:]*)')) = lower(retry_requests.host))
+      and (retry_requests.host is null or net._url_host(f.url) = lower(trim(trailing '.' from retry_requests.host)))
       and (retry_requests.since is null or f.failed_at >= retry_requests.since)
-    order by f.id
+    order by f.id;
+end
 $$;
 
 insert into net._schema_migrations(version) values (7) on conflict do nothing;

@@ -255,3 +255,13 @@ def test_private_mode_dead_letters_are_their_owners(db, db_dsn, make_role, worke
             b.execute("select net.retry_request(%s)", (failed_id,))
         replay_id = a.execute("select net.retry_request(%s)", (failed_id,)).fetchone()[0]
         assert response(a, replay_id)["requested_by"] == alice
+
+
+def test_any_role_replays_failures_for_a_host(db, make_role, serve, db_dsn, http_server):
+    serve(db_dsn)
+    failed = db.execute("select net.http_get(%s)", (http_server.url_for("/status/502"),)).fetchone()[0]
+    response(db, failed)
+    _, dsn = make_role()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        (replay,) = conn.execute("select * from net.retry_requests('127.0.0.1')").fetchone()
+    assert response(db, replay)["status_code"] == 502
