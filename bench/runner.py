@@ -340,7 +340,9 @@ class Serve:
                 if self.process.poll() is not None:
                     raise BenchError(f"pgnet-curl serve exited with code {self.process.returncode}:\n"
                                      f"{self.log_tail()}")
-                if len(self.backend_pids(conn)) >= self.workers and len(self.worker_pids()) >= self.workers:
+                # Workers' sessions only: serve's and the supervisor's short ones would count early.
+                workers_connected = len(self.db.backend_pids(conn, "pgnet-curl worker%"))
+                if workers_connected >= self.workers and len(self.worker_pids()) >= self.workers:
                     return
                 time.sleep(0.02)
         raise BenchError(f"pgnet-curl serve: workers not connected after {START_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
