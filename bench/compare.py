@@ -23,7 +23,7 @@ from pgnet_curl.errors import PgnetCurlError
 
 from . import context, report, revision, scenarios
 from .cli import DEFAULT_RESULTS_DIR, _raise_interrupt, _serve_flags
-from .measure import Stalled
+from .measure import Stalled, wait_for_quiet
 from .runner import BenchError, Database, make_target, make_work_dir
 
 # The table's rows: (label, key of a round's figures, decimals).
@@ -36,6 +36,8 @@ FIGURES = [
 ]
 READING = ("head / base: above 1 for req/s is faster, below 1 for µs is cheaper; a ratio within the rounds' "
            "own spread is no change.")
+# Above this share of the machine taken by other processes in a round, the table says so.
+NOISY_PCT = 15.0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -53,6 +55,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="a serve flag for both sides, e.g. write-batch-size=1000 (repeatable)")
     parser.add_argument("--stall-timeout-s", type=float, default=60.0,
                         help="abort when no response row appears for this long (default 60 s)")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="before each round wait up to this long for the machine to be < 15%% busy")
     parser.add_argument("--json", type=Path, help="default: bench/results/compare-<time>.json")
     args = parser.parse_args(argv)
     for name in ("rounds", "requests", "workers"):
@@ -62,13 +66,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run_rounds(benches: dict[str, context.Bench], sides: dict[str, revision.Side], rounds: int,
-               requests: int) -> dict[str, list[dict]]:
+               requests: int, wait_quiet_s: float = 0.0) -> dict[str, list[dict]]:
     """Run throughput on each side in turn, rounds times; a failed or incomplete round aborts all."""
     figures: dict[str, list[dict]] = {name: [] for name in benches}
     for number in range(1, rounds + 1):
         for name, bench in benches.items():
             where = f"round {number}/{rounds}, {name} {sides[name].label()}"
             print(f"{where} ...", file=sys.stderr, flush=True)
+            busy_before_pct = wait_for_quiet(wait_quiet_s) if wait_quiet_s else None
             try:
                 found = scenarios.throughput(bench, requests)["figures"]
             except (Stalled, BenchError, PgnetCurlError, psycopg.Error) as exc:
@@ -77,6 +82,7 @@ def run_rounds(benches: dict[str, context.Bench], sides: dict[str, revision.Side
                 raise BenchError(f"{where}: {found['responses_2xx']:,} of {requests:,} responses are 2xx "
                                  f"(e.g. {found['sample_failure']!r})")
             found["enqueue_us_per_call"] = round(1e6 / found["enqueue_rate_per_s"], 2)
+            found["busy_before_pct"] = busy_before_pct
             figures[name].append(found)
             print(f"{where}: {found['rate_per_s']:,.0f} req/s, {found['cpu_us_per_request']} µs/request",
                   file=sys.stderr, flush=True)
@@ -124,7 +130,11 @@ def markdown(result: dict) -> str:
     noise = [max((found.get("other_processes_cpu_pct") or 0.0 for found in side["rounds"]), default=0.0)
              for side in (base, head)]
     lines.append(f"| CPU of other processes, worst round | {noise[0]:.0f} % | {noise[1]:.0f} % | |")
-    return "\n".join(lines + ["", READING]) + "\n"
+    lines += ["", READING]
+    if max(noise) > NOISY_PCT:
+        lines += ["", f"**Noisy machine**: other processes took up to {max(noise):.0f} % of its CPU in a round; req/s "
+                     "moves with that far more than CPU µs per request does (`--wait-quiet 600` waits them out)."]
+    return "\n".join(lines) + "\n"
 
 
 def _side_label(side: revision.Side) -> str:
@@ -169,7 +179,7 @@ def main(argv: list[str]) -> None:
         target.start()
         benches = {name: context.Bench(options, db, target, work_dir, f"{stamp}-{name}", serve_python=side.python,
                                        serve_cwd=side.cwd) for db, (name, side) in zip(databases, sides.items())}
-        rounds = run_rounds(benches, sides, args.rounds, args.requests)
+        rounds = run_rounds(benches, sides, args.rounds, args.requests, args.wait_quiet)
     except KeyboardInterrupt:
         print("\ninterrupted: stopping every process the bench started", file=sys.stderr, flush=True)
         code = 130
@@ -190,6 +200,7 @@ def main(argv: list[str]) -> None:
     result = {
         "scenario": "compare", "command": "python -m bench compare " + " ".join(argv), "started_at": started_at,
         "settings": {"requests": args.requests, "rounds": args.rounds, "workers": args.workers,
+                     "wait_quiet_s": args.wait_quiet,
                      "target": args.target, "serve_flags": options.serve_flags, "cores": os.cpu_count(),
                      "postgres": f"--dsn (server {databases[0].server_version})" if args.dsn
                      else f"embedded PostgreSQL {databases[0].server_version}, fsync on"},

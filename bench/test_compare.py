@@ -55,6 +55,7 @@ def test_markdown_names_both_sides_the_settings_and_every_figure():
     assert "| CPU µs/request: workers + their database sessions, median | 190.0 | 155.0 | 0.82 |" in text
     assert "| enqueue µs per net.http_get call, median | 20.00 | 25.00 | 1.25 |" in text
     assert "| CPU of other processes, worst round | 1 % | 12 % | |" in text
+    assert "Noisy" not in text  # 12 % at worst: under NOISY_PCT
     rows = [line for line in text.splitlines() if line.startswith("|")]
     assert all(line.count("|") == 5 for line in rows)
 
@@ -66,3 +67,9 @@ def test_side_labels_say_which_revision_and_whether_the_tree_is_dirty():
     assert _side_label(side("main")) == "`main` = 0b7cb6f"
     assert _side_label(side("0b7cb6f")) == "0b7cb6f"
     assert _side_label(side("working tree", dirty=True)) == "working tree at 0b7cb6f + uncommitted changes"
+
+
+def test_markdown_warns_when_other_processes_took_much_of_the_machine():
+    result = _result()
+    result["sides"]["base"]["rounds"][1]["other_processes_cpu_pct"] = 47.2
+    assert "**Noisy machine**: other processes took up to 47 % of its CPU in a round" in markdown(result)
