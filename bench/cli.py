@@ -92,6 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=100.0, help="its limit, requests per second (default 100)")
     p.add_argument("--burst", type=float, help="its bucket size (default: the table's, max(1, rate / 10))")
     sub.add_parser("summary", help="print saved JSON results as markdown tables: summary FILE...")
+    sub.add_parser("compare", help="throughput of the working tree against a revision, rounds alternating: "
+                                   "compare BASE [options] (see compare --help)")
     p = sub.add_parser("all", parents=common, help="throughput, sustained, trickle and head-of-line in sequence")
     p.add_argument("--requests", type=int, default=20_000, help="for throughput (default 20,000)")
     p.add_argument("--rate", type=float, default=500.0, help="for sustained (default 500)")
@@ -106,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _serve_flags(args: argparse.Namespace) -> dict:
-    flags = {"max_inflight": args.max_inflight, "batch_size": args.batch_size}
+    flags = {"max_inflight": getattr(args, "max_inflight", None), "batch_size": getattr(args, "batch_size", None)}
     for item in args.serve_arg:
         name, sep, value = item.partition("=")
         if not sep:
@@ -149,6 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["summary"]:
         summary(argv[1:])
+        return
+    if argv[:1] == ["compare"]:
+        from . import compare  # imports this module: not at the top
+
+        compare.main(argv[1:])
         return
     args = parse_args(argv)
     # The runner's threads (enqueuers, poller) hand the GIL over quickly: timestamps stay close to events.

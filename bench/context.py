@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -12,7 +13,7 @@ import psycopg
 
 from .measure import CpuMeter, RssSampler
 from .profile import PySpy
-from .runner import BenchError, Database, PythonTarget, Serve
+from .runner import REPO_DIR, BenchError, Database, PythonTarget, Serve
 
 # How each request is made, by --delivery: pg_net's plain call, or net.http_request with one
 # delivery option on (the requests still succeed at once: the figure is the option's cost).
@@ -45,8 +46,12 @@ class Options:
 class Bench:
     """What every scenario shares: the database, the target, the options, and serve's lifecycle."""
 
-    def __init__(self, options: Options, db: Database, target, work_dir: Path, stamp: str):
+    def __init__(self, options: Options, db: Database, target, work_dir: Path, stamp: str,
+                 serve_python: str = sys.executable, serve_cwd: Path = REPO_DIR):
         self.options = options
+        # The code serve runs: this checkout by default, another revision's venv for `bench compare`.
+        self.serve_python = serve_python
+        self.serve_cwd = serve_cwd
         self.db = db
         self.target = target
         self.work_dir = work_dir
@@ -72,7 +77,7 @@ class Bench:
     def serving(self, wait: bool = True) -> Iterator[Serve]:
         """Run `pgnet-curl serve` for the duration of the block; always stop it."""
         serve = Serve(self.db, self.options.workers, self.options.serve_flags,
-                      self.work_dir / f"serve-{self.stamp}.log")
+                      self.work_dir / f"serve-{self.stamp}.log", python=self.serve_python, cwd=self.serve_cwd)
         try:
             serve.start(wait=wait)
             yield serve

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import psycopg
@@ -101,8 +102,12 @@ def wait_for_port(port: int, timeout_s: float, process: subprocess.Popen | None 
 class Database:
     """A scratch database with the net schema: in an embedded cluster, or on the --dsn server."""
 
-    def __init__(self, admin_dsn: str | None, work_dir: Path, statement_timeout_s: float = 120.0):
+    def __init__(self, admin_dsn: str | None, work_dir: Path, statement_timeout_s: float = 120.0,
+                 dbname: str | None = None, install: Callable[[str], object] = schema.install):
+        """dbname: the scratch database's name (default: one per bench); install: puts schema net into it."""
         self.given_dsn = admin_dsn
+        self.wanted_dbname = dbname
+        self.install = install
         # Every statement of the bench is bounded: a stuck database aborts the scenario.
         self.statement_timeout_s = statement_timeout_s
         self.work_dir = work_dir
@@ -116,14 +121,14 @@ class Database:
         """Start (or reach) the server, create the scratch database, install the schema."""
         if self.given_dsn:
             self.admin_dsn = self.given_dsn
-            self.dbname = f"pgnet_bench_{os.getpid()}"
+            self.dbname = self.wanted_dbname or f"pgnet_bench_{os.getpid()}"
         else:
             from pgnet_curl.embedded import EmbeddedPostgres
 
             # fsync and synchronous_commit left on: honest commit costs.
             self.embedded = EmbeddedPostgres(self.work_dir / "pg", port=0, fast_unsafe=False)
             self.admin_dsn = self.embedded.start()
-            self.dbname = "pgnet_bench"
+            self.dbname = self.wanted_dbname or "pgnet_bench"
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
             conn.execute(f'drop database if exists "{self.dbname}" with (force)')
             conn.execute(f'create database "{self.dbname}"')
@@ -131,7 +136,7 @@ class Database:
         params = conninfo_to_dict(self.admin_dsn)
         params["dbname"] = self.dbname
         self.dsn = make_conninfo(**params)
-        schema.install(self.dsn)
+        self.install(self.dsn)
         return self.dsn
 
     def connect(self, autocommit: bool = True) -> psycopg.Connection:
@@ -292,10 +297,17 @@ def make_target(kind: str, work_dir: Path):
 
 
 class Serve:
-    """`pgnet-curl serve` as a subprocess in its own session; SIGTERM drains it."""
+    """`pgnet-curl serve` as a subprocess in its own session; SIGTERM drains it.
 
-    def __init__(self, db: Database, workers: int, options: dict, log_path: Path):
+    python and cwd choose the code served (another revision's virtualenv for `bench compare`);
+    cwd matters because `python -m` imports from it first.
+    """
+
+    def __init__(self, db: Database, workers: int, options: dict, log_path: Path,
+                 python: str = sys.executable, cwd: Path = REPO_DIR):
         self.db = db
+        self.python = python
+        self.cwd = cwd
         self.workers = workers
         self.options = options
         self.log_path = log_path
@@ -303,7 +315,7 @@ class Serve:
         self.started_s = 0.0
 
     def command(self) -> list[str]:
-        command = [sys.executable, "-m", "pgnet_curl", "serve", "--dsn", self.db.dsn, "--workers", str(self.workers)]
+        command = [self.python, "-m", "pgnet_curl", "serve", "--dsn", self.db.dsn, "--workers", str(self.workers)]
         for flag, value in self.options.items():
             if value is not None:
                 command += [f"--{flag.replace('_', '-')}", str(value)]
@@ -313,7 +325,7 @@ class Serve:
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
                 self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=REPO_DIR, start_new_session=True,
+                cwd=self.cwd, start_new_session=True,
             )
         self.started_s = time.perf_counter()
         if wait:
@@ -328,7 +340,9 @@ class Serve:
                 if self.process.poll() is not None:
                     raise BenchError(f"pgnet-curl serve exited with code {self.process.returncode}:\n"
                                      f"{self.log_tail()}")
-                if len(self.backend_pids(conn)) >= self.workers and len(self.worker_pids()) >= self.workers:
+                # Workers' sessions only: serve's and the supervisor's short ones would count early.
+                workers_connected = len(self.db.backend_pids(conn, "pgnet-curl worker%"))
+                if workers_connected >= self.workers and len(self.worker_pids()) >= self.workers:
                     return
                 time.sleep(0.02)
         raise BenchError(f"pgnet-curl serve: workers not connected after {START_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
