@@ -17,10 +17,10 @@ import psycopg
 from pgnet_curl.errors import PgnetCurlError
 
 from . import context, report, scenarios
+from .args import DEFAULT_RESULTS_DIR, raise_interrupt, serve_flags
 from .measure import Stalled, wait_for_quiet
 from .runner import REPO_DIR, BenchError, Database, make_target, make_work_dir
 
-DEFAULT_RESULTS_DIR = REPO_DIR / "bench" / "results"
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -107,16 +107,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _serve_flags(args: argparse.Namespace) -> dict:
-    flags = {"max_inflight": getattr(args, "max_inflight", None), "batch_size": getattr(args, "batch_size", None)}
-    for item in args.serve_arg:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--serve-arg {item!r}: expected FLAG=VALUE")
-        flags[name.lstrip("-").replace("-", "_")] = value
-    return {name: value for name, value in flags.items() if value is not None}
-
-
 def _plan(args: argparse.Namespace) -> list[tuple[str, callable]]:
     """The scenarios to run, as (name, function of the Bench)."""
     runs = {
@@ -142,10 +132,6 @@ def _emit(result: dict, args: argparse.Namespace, basename: str) -> None:
             print(f"  plot: {png}", flush=True)
 
 
-def _raise_interrupt(signo, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signo}")
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the chosen scenarios; exit 0 when all ran (targets met or not), 1 on a failure, 130 on Ctrl-C."""
     argv = sys.argv[1:] if argv is None else argv
@@ -153,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         summary(argv[1:])
         return
     if argv[:1] == ["compare"]:
-        from . import compare  # imports this module: not at the top
+        from . import compare
 
         compare.main(argv[1:])
         return
@@ -161,10 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     # The runner's threads (enqueuers, poller) hand the GIL over quickly: timestamps stay close to events.
     sys.setswitchinterval(0.0005)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     options = context.Options(
-        workers=args.workers, serve_flags=_serve_flags(args), target=args.target, poll_ms=args.poll_ms,
+        workers=args.workers, serve_flags=serve_flags(args), target=args.target, poll_ms=args.poll_ms,
         stall_timeout_s=args.stall_timeout_s, txn_rows=args.txn_rows, enqueuers=getattr(args, "enqueuers", 2),
         profile=args.profile, results_dir=args.results_dir, delivery=args.delivery,
     )

@@ -22,7 +22,7 @@ import psycopg
 from pgnet_curl.errors import PgnetCurlError
 
 from . import context, report, revision, scenarios
-from .cli import DEFAULT_RESULTS_DIR, _raise_interrupt, _serve_flags
+from .args import DEFAULT_RESULTS_DIR, raise_interrupt, serve_flags
 from .measure import Stalled, wait_for_quiet
 from .runner import BenchError, Database, make_target, make_work_dir
 
@@ -150,14 +150,14 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     sys.setswitchinterval(0.0005)  # as cli.main: the runner's timestamps stay close to events
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     started_s, stamp, started_at = time.monotonic(), time.strftime("%Y%m%d-%H%M%S"), time.strftime("%Y-%m-%d %H:%M")
     try:
         sides = {"base": revision.built(args.base, "base"),
                  "head": revision.built(args.head, "head") if args.head else revision.working_tree()}
     except BenchError as exc:
         sys.exit(f"bench compare: {exc}")
-    options = context.Options(workers=args.workers, serve_flags=_serve_flags(args), target=args.target,
+    options = context.Options(workers=args.workers, serve_flags=serve_flags(args), target=args.target,
                               stall_timeout_s=args.stall_timeout_s)
     work_dir = make_work_dir()
     target = make_target(args.target, work_dir)

@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
-import re
-from functools import cache
-from pathlib import Path
 
 import psycopg
 
 from .db import database_errors
 from .model import Request, Response
 from .settings import DestinationLimit
-from .schema import sql_dir
-
-_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
-
-
-@cache
-def queries() -> dict[str, str]:
-    """Load sql/queries.sql into {name: statement}."""
-    text = Path(sql_dir(), "queries.sql").read_text(encoding="utf-8")
-    parts = _HEADER.split(text)
-    return {name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2])}
-
+from .sql_files import queries
 
 class Queue:
     """The request queue and response table as seen by one worker (its lease owner name)."""

@@ -8,14 +8,13 @@ import hmac
 import logging
 import re
 import secrets
-from importlib import resources
-from pathlib import Path
 
 import psycopg
 
-from . import db
+from . import db, setting_names
 from .errors import DatabaseUnavailable, SchemaError
 from .redact import db_error_text
+from .sql_files import sql_dir
 
 # Serialises concurrent installs of the same database (any constant works; this spells "pgnet").
 INSTALL_LOCK_KEY = 0x70676E6574
@@ -25,14 +24,6 @@ log = logging.getLogger("pgnet_curl.install")
 # Tables made logged by --durable (unlogged by default, like pg_net's).
 TABLES = ("net.http_request_queue", "net._http_response", "net._http_request_archive")
 WAITING_FOR_SCHEMA = "waiting for the net schema: run pgnet-curl install"
-
-
-def sql_dir() -> Path:
-    """Return the folder holding the SQL files: inside the wheel, or sql/ in a checkout."""
-    packaged = resources.files("pgnet_curl") / "sql"
-    if packaged.is_dir():
-        return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "sql"
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -125,10 +116,8 @@ def install(dsn: str, durable: bool | None = None, private: bool | None = None,
 
 def _declare_setting_names(conn: psycopg.Connection) -> None:
     """Let `alter system set pg_net.*` work in any session on PostgreSQL 13-16 (a superuser only)."""
-    from .setting_names import declare
-
     try:
-        declare(conn)
+        setting_names.declare(conn)
     except psycopg.Error as exc:
         log.warning("could not declare the pg_net.* names in postgresql.auto.conf (%s); "
                     "ALTER SYSTEM for them needs set_config(name, '', false) first on PostgreSQL 13-16",

@@ -30,7 +30,7 @@ _FLAG_TO_SETTING = {
 
 def follow_pg_net_settings(dsn: str) -> str:
     """Return dsn aimed at the database and role pg_net.database_name / pg_net.username name."""
-    from .queue import queries
+    from .sql_files import queries
 
     conn = db.connect(dsn, "pgnet-curl serve")
     try:

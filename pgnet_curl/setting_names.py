@@ -13,7 +13,7 @@ import logging
 import psycopg
 from psycopg import sql as pg_sql
 
-from .queue import queries
+from .sql_files import queries
 
 log = logging.getLogger("pgnet_curl.install")
 

@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 
 from . import db, schema
-from .queue import queries
+from .sql_files import queries
 from .errors import ConfigError
 from .settings import DEFAULT_BATCH_SIZE, DEFAULT_TTL, parse_interval, parse_positive_int
 

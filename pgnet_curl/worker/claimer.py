@@ -1,0 +1,107 @@
+"""When to claim, how many, and how: the plain claim, or the limited one while destination limits exist."""
+
+from __future__ import annotations
+
+import heapq
+import time
+
+from ..curl_driver import CurlDriver
+from ..model import Request
+from ..queue import Queue
+from .context import WorkerContext
+
+# Calls for help (a NOTIFY that wakes every worker) at most this often.
+_HELP_INTERVAL_S = 0.05
+
+
+class Claimer:
+    """Lease requests up to the free slots; wake the other workers when there is more than we take."""
+
+    def __init__(self, ctx: WorkerContext, driver: CurlDriver):
+        self.ctx = ctx
+        self.driver = driver
+        # Whether net.destination_limits has rows (claim with claim_limited then), and whether
+        # any caps concurrency (then a write-back may free a slot: claim again after it).
+        self.limits_active = self.concurrency_limited = False
+        # Monotonic times at which retries this worker put back become due, and hosts its
+        # claims found held back by a rate limit get tokens again (a heap): claim again then.
+        self._due_s: list[float] = []
+        self._next_help_s = 0.0
+        # The last claim filled its limit: more are probably waiting.
+        self._full = False
+
+    def free_slots(self) -> int:
+        return self.ctx.settings.max_inflight - self.driver.inflight
+
+    def min_claim(self) -> int:
+        """Slots to wait for before claiming again while busy: no claim query per finished request."""
+        if self.driver.inflight == 0:
+            return 1
+        settings = self.ctx.settings
+        return max(1, min(settings.batch_size, settings.max_inflight) // 4)
+
+    def ready(self) -> bool:
+        """Whether a claim would run now (for the loop's poll timeout)."""
+        return self.ctx.wakeups.claim and not self.ctx.stopping and self.free_slots() >= self.min_claim()
+
+    def next_due_s(self) -> float | None:
+        return self._due_s[0] if self._due_s else None
+
+    def wake_if_due(self, now: float) -> None:
+        if self._due_s and now >= self._due_s[0]:
+            while self._due_s and now >= self._due_s[0]:
+                heapq.heappop(self._due_s)
+            self.ctx.wakeups.claim = True
+
+    def claim(self, queue: Queue, now: float) -> list[Request] | None:
+        """Lease what there is room for, oldest first; None when no claim ran (then share_load
+        need not follow)."""
+        ctx = self.ctx
+        if not ctx.wakeups.claim:
+            return None
+        if ctx.stopping:
+            # Woken while draining: pass the work on to whoever still serves.
+            ctx.wakeups.claim = False
+            self.ask_for_help(queue, now)
+            return None
+        if self.free_slots() < self.min_claim():
+            # Work is waiting and we are full: let the other workers take it.
+            self.ask_for_help(queue, now)
+            return None
+        limit = min(ctx.settings.batch_size, self.free_slots())
+        requests = queue.claim(limit, ctx.settings.lease_grace_s, limited=self.limits_active)
+        if self.limits_active and len(requests) < limit:
+            due_s = queue.limits_due_s()
+            if due_s is not None:
+                heapq.heappush(self._due_s, time.monotonic() + due_s)
+        now_epoch_s = time.time()
+        for request in requests:
+            if request.attempts > 1:
+                ctx.stats["reclaimed"] += 1
+                ctx.metrics.lease_reclaims_total.inc()
+            ctx.tally.claimed(max(0.0, now_epoch_s - request.created_epoch_s))
+        ctx.stats["claimed"] += len(requests)
+        self._full = len(requests) == limit
+        return requests
+
+    def share_load(self, queue: Queue, now: float) -> None:
+        """After the claimed requests went to curl: a full batch means more are probably waiting,
+        so claim again as slots free up; a busy worker wakes the others to share the load."""
+        self.ctx.wakeups.claim = self._full
+        if self._full or self.driver.inflight >= self.ctx.settings.max_inflight // 2:
+            self.ask_for_help(queue, now)
+
+    def ask_for_help(self, queue: Queue, now: float) -> None:
+        """Wake every worker of this database (at most every _HELP_INTERVAL_S)."""
+        if now < self._next_help_s:
+            return
+        self._next_help_s = now + _HELP_INTERVAL_S
+        queue.ask_for_help()
+
+    def after_write(self, written: int, retry_delays_ms: list[float], now: float) -> None:
+        """Claim again when a written response may have freed a host's concurrency, and when each
+        retry put back becomes due (its not_before was set by the database before now)."""
+        if self.concurrency_limited and written:
+            self.ctx.wakeups.claim = True
+        for delay_ms in retry_delays_ms:
+            heapq.heappush(self._due_s, now + delay_ms / 1000)

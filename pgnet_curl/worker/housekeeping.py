@@ -1,0 +1,178 @@
+"""Housekeeping: the schema and pg_net.* settings check, signing key and limit refresh, the TTL sweep,
+and the safety poll."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from .. import schema
+from ..errors import PgnetCurlError, SchemaError
+from ..queue import Queue
+from .claimer import Claimer
+from .context import WorkerContext
+from .outcome import Outcome
+from .session import Session
+
+log = logging.getLogger("pgnet_curl.worker")
+
+# The schema version this worker's statements need (an older install waits for `install`).
+_SCHEMA_VERSION = schema.latest_version()
+# While the net schema is missing, look for it this often (the install also NOTIFYs).
+SCHEMA_WAIT_CHECK_S = 0.5
+# Signing keys are read again this often, besides on their NOTIFY and at connect.
+_SIGNING_KEYS_REFRESH_S = 60.0
+# TTL sweep: at most this many delete statements per sweep, so a sweep never stalls the loop.
+_TTL_SWEEP_MAX_STATEMENTS = 10
+
+
+class Housekeeping:
+    """Timed reads and deletes that keep a worker's view of the database current and its tables small.
+
+    follow_schema(oid) is the loop's: it is called with what each check found.
+    """
+
+    def __init__(self, ctx: WorkerContext, session: Session, outcome: Outcome, claimer: Claimer,
+                 follow_schema: Callable[[int | None], None]):
+        self.ctx = ctx
+        self.session = session
+        self.outcome = outcome
+        self.claimer = claimer
+        self._follow_schema = follow_schema
+        self.next_poll_s = self.next_check_s = self.next_ttl_sweep_s = self._next_keys_s = 0.0
+        # The outdated schema version last reported, so that it is reported once.
+        self._outdated_seen: int | None = None
+        self._limits_written_oid: int | None = None
+
+    def start(self, now: float) -> None:
+        self.next_poll_s = now + self.ctx.settings.poll_interval_s
+        self.next_check_s = now + self.ctx.settings.settings_refresh_s
+        self.next_ttl_sweep_s = now
+
+    def first_reads(self, queue: Queue) -> int | None:
+        """On a new connection: settings, the schema's oid (None: wait for it), keys and limits."""
+        queue_oid, batch_size, ttl = queue.check()
+        self.ctx.settings = self.ctx.settings.with_database_values(batch_size, ttl)
+        try:
+            queue_oid = self._usable(queue_oid, queue)
+            if queue_oid is not None:
+                self.outcome.signing_keys = queue.signing_keys()
+                self.claimer.limits_active, self.claimer.concurrency_limited = queue.limits_active()
+        except SchemaError:
+            # Dropped between the check and these reads: connected, waiting for it.
+            queue_oid = None
+        return queue_oid
+
+    def check(self) -> int | None:
+        """Re-read pg_net's settings; return the queue table's oid (None: no schema)."""
+        queue = self.session.queue
+        queue_oid, batch_size, ttl = queue.check()
+        before = self.ctx.settings
+        self.ctx.settings = before.with_database_values(batch_size, ttl)
+        if self.ctx.wakeups.reload or self.ctx.settings != before:
+            log.info("worker %d settings: batch_size=%d ttl=%s", self.ctx.index, self.ctx.settings.batch_size,
+                     self.ctx.settings.ttl)
+            self.ctx.wakeups.claim = True
+        self.ctx.wakeups.reload = False
+        return self._usable(queue_oid, queue)
+
+    def _usable(self, queue_oid: int | None, queue: Queue) -> int | None:
+        """queue_oid if the schema there is the version this worker needs, else None (wait).
+
+        The version is read only when the schema is new to us: not on every check.
+        """
+        if queue_oid is None or (queue_oid == self.session.queue_oid and self.session.serving):
+            return queue_oid
+        try:
+            installed = schema.installed_version(queue.conn)
+        except SchemaError:
+            return None  # dropped again since the check: wait for the next install
+        if installed is not None and installed >= _SCHEMA_VERSION:
+            self._outdated_seen = None
+            return queue_oid
+        if installed != self._outdated_seen:
+            self._outdated_seen = installed
+            log.warning("worker %d: the net schema is version %s and this pgnet-curl needs version %d: "
+                        "run pgnet-curl install; waiting", self.ctx.index, installed, _SCHEMA_VERSION)
+        return None
+
+    def check_interval_s(self) -> float:
+        if self.session.serving:
+            return self.ctx.settings.settings_refresh_s
+        return min(self.ctx.settings.settings_refresh_s, SCHEMA_WAIT_CHECK_S)
+
+    def schedule_check(self, now: float) -> None:
+        self.next_check_s = now + self.check_interval_s()
+
+    def due_s(self) -> float:
+        """The next time run() has something to do (while connected)."""
+        if self.ctx.wakeups.check:
+            return 0.0
+        if self.session.serving:
+            return min(self.next_poll_s, self.next_check_s, self.next_ttl_sweep_s)
+        return min(self.next_poll_s, self.next_check_s)
+
+    def run(self, now: float) -> None:
+        """Do what is due; raise PgnetCurlError if the database fails meanwhile."""
+        wakeups = self.ctx.wakeups
+        if wakeups.reload or wakeups.check or now >= self.next_check_s:
+            wakeups.check = False
+            self._follow_schema(self.check())
+            self.schedule_check(now)
+        # A reinstall renews the session, which may fail: then the reconnect takes over.
+        if not self.session.connected or not self.session.serving:
+            return
+        queue = self.session.queue
+        if now >= self.next_poll_s:
+            wakeups.claim = True
+            self.next_poll_s = now + self.ctx.settings.poll_interval_s
+            if self.ctx.index == 1:
+                self._sample_queue(queue)
+        if wakeups.keys or now >= self._next_keys_s:
+            # Also a safety net under the NOTIFYs of key and limit changes.
+            wakeups.limits = True
+            wakeups.keys = False
+            self._next_keys_s = now + _SIGNING_KEYS_REFRESH_S
+            self.outcome.signing_keys = queue.signing_keys()
+        if wakeups.limits:
+            wakeups.limits = False
+            self.claimer.limits_active, self.claimer.concurrency_limited = queue.limits_active()
+            wakeups.claim = True
+        if now >= self.next_ttl_sweep_s:
+            self._sweep_expired(queue)
+            self.next_ttl_sweep_s = now + self.ctx.settings.ttl_sweep_interval_s
+
+    def write_flag_limits(self) -> None:
+        """Worker 1 writes serve's --destination-limit rows into each schema it serves (a
+        reinstall drops them); their NOTIFY tells every worker of the database."""
+        settings = self.ctx.settings
+        if not (self.session.serving and self.ctx.index == 1 and settings.destination_limits
+                and self._limits_written_oid != self.session.queue_oid):
+            return
+        try:
+            self.session.queue.set_destination_limits(settings.destination_limits)
+        except PgnetCurlError as exc:
+            log.warning("worker %d could not write the --destination-limit rows (%s)", self.ctx.index, exc)
+            return
+        self._limits_written_oid = self.session.queue_oid
+        log.info("destination limits set: %s", ", ".join(limit.host_pattern for limit in settings.destination_limits))
+
+    def _sample_queue(self, queue: Queue) -> None:
+        """Queue depth and oldest pending age, sampled at the poll by one worker (not per request)."""
+        depth, oldest_age_s = queue.sample()
+        self.ctx.metrics.queue_depth.set(depth)
+        self.ctx.metrics.queue_oldest_pending_seconds.set(oldest_age_s or 0.0)
+
+    def _sweep_expired(self, queue: Queue) -> None:
+        settings = self.ctx.settings
+        ttl_s = settings.ttl.total_seconds()
+        for _ in range(_TTL_SWEEP_MAX_STATEMENTS):
+            deleted = queue.delete_expired(ttl_s, settings.ttl_sweep_rows)
+            self.ctx.metrics.responses_expired_total.inc(deleted)
+            if deleted < settings.ttl_sweep_rows:
+                break
+        for _ in range(_TTL_SWEEP_MAX_STATEMENTS):
+            if queue.delete_expired_archive(ttl_s, settings.ttl_sweep_rows) < settings.ttl_sweep_rows:
+                break
+        if self.claimer.limits_active:
+            queue.delete_idle_buckets()

@@ -1,0 +1,138 @@
+"""The worker's database session: connect and LISTEN, turn NOTIFYs into wake-ups, reconnect with backoff."""
+
+from __future__ import annotations
+
+import logging
+import random
+import select
+import time
+
+import psycopg
+
+from .. import db
+from ..errors import DatabaseUnavailable, PgnetCurlError
+from ..queue import Queue
+from ..redact import db_error_text
+from .context import WorkerContext
+from .poller import DB, Poller
+
+log = logging.getLogger("pgnet_curl.worker")
+
+RECONNECT_MIN_S, RECONNECT_MAX_S = 0.1, 10.0
+
+
+class Session:
+    """One LISTENing connection at a time; when it breaks, the next is tried after a growing delay."""
+
+    def __init__(self, ctx: WorkerContext, poller: Poller):
+        self.ctx = ctx
+        self._poller = poller
+        self.application_name = f"pgnet-curl worker {ctx.index}"
+        self.conn: psycopg.Connection | None = None
+        self.queue: Queue | None = None
+        self.backend_pid = 0
+        self._fd = -1
+        self.reconnect_at_s = 0.0
+        self._reconnect_delay_s = RECONNECT_MIN_S
+        # The queue table's oid while the schema is served; None while waiting for it. A new oid
+        # means a drop and reinstall: the requests in flight belong to a table that is gone.
+        self.queue_oid: int | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None
+
+    @property
+    def serving(self) -> bool:
+        """Connected with the net schema there (not waiting for an install)."""
+        return self.queue_oid is not None
+
+    def open(self) -> Queue | None:
+        """Connect and LISTEN; None (and a reconnect scheduled) when the database can't be reached.
+
+        The session counts as connected only once adopt() has run: the caller reads its first
+        settings in between, and abandon()s the connection if that fails.
+        """
+        try:
+            conn = db.connect(self.ctx.settings.dsn, self.application_name, listen=True)
+        except PgnetCurlError as exc:
+            self.schedule_reconnect(exc)
+            return None
+        return Queue(conn, self.ctx.owner)
+
+    def abandon(self, queue: Queue, exc: PgnetCurlError) -> None:
+        queue.conn.close()
+        self.schedule_reconnect(exc)
+
+    def adopt(self, queue: Queue) -> None:
+        """Make an opened connection the session's: watched, counted, its NOTIFYs handled."""
+        conn = queue.conn
+        conn.add_notify_handler(self._on_notify)
+        self.conn, self.queue = conn, queue
+        self.backend_pid = conn.info.backend_pid
+        self._fd = conn.fileno()
+        self._poller.watch(self._fd, select.POLLIN, DB)
+        self.ctx.metrics.worker_db_connected.set(1)
+        if self._reconnect_delay_s > RECONNECT_MIN_S or self.ctx.stats["reconnects"]:
+            log.info("worker %d reconnected to the database", self.ctx.index)
+        self._reconnect_delay_s = RECONNECT_MIN_S
+
+    def read(self) -> None:
+        """Take what the server sent (NOTIFYs); raise DatabaseUnavailable if the connection is gone."""
+        pgconn = self.conn.pgconn
+        try:
+            pgconn.consume_input()
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"connection lost: {db_error_text(exc)}") from None
+        while notify := pgconn.notifies():
+            pgconn.notify_handler(notify)
+        if self.conn.broken or pgconn.status != psycopg.pq.ConnStatus.OK:
+            raise DatabaseUnavailable("connection lost")
+
+    def _on_notify(self, notify: psycopg.Notify) -> None:
+        wakeups = self.ctx.wakeups
+        if notify.channel == db.WAKE_CHANNEL:
+            if notify.pid == self.backend_pid:
+                return  # our own call for help
+            # A committed request wakes one worker of the N, chosen by the sender's backend pid,
+            # so the others run no claim that finds nothing. A worker with more than it can take
+            # sends 'help', and every worker claims; the safety poll covers a designated worker
+            # that is down.
+            workers = self.ctx.settings.workers
+            if notify.payload == "help" or workers == 1 or notify.pid % workers == self.ctx.index - 1:
+                wakeups.claim = True
+        elif notify.channel == db.CONTROL_CHANNEL:
+            if notify.payload == "restart":
+                wakeups.restart = True
+            elif notify.payload == "signing_keys":
+                wakeups.keys = True
+            elif notify.payload == "installed":
+                wakeups.check = True
+            elif notify.payload == "destination_limits":
+                wakeups.limits = True
+
+    def schedule_reconnect(self, exc: PgnetCurlError) -> None:
+        delay_s = self._reconnect_delay_s * random.uniform(0.8, 1.2)
+        log.warning("worker %d: %s; retrying in %.1f s", self.ctx.index, exc, delay_s)
+        self.reconnect_at_s = time.monotonic() + delay_s
+        self._reconnect_delay_s = min(self._reconnect_delay_s * 2, RECONNECT_MAX_S)
+
+    def lost(self, exc: PgnetCurlError) -> None:
+        """Drop a broken connection and reconnect later; in-flight transfers carry on meanwhile."""
+        self.ctx.stats["reconnects"] += 1
+        self.ctx.metrics.db_reconnects_total.inc()
+        self.close()
+        self.schedule_reconnect(exc)
+
+    def close(self) -> None:
+        if self.conn is None:
+            return
+        # By fd number: a broken connection cannot tell its fileno() any more.
+        self._poller.unwatch(self._fd)
+        try:
+            self.conn.close()
+        except psycopg.Error:
+            pass
+        self.conn = self.queue = None
+        self.ctx.metrics.worker_db_connected.set(0)
+        self.ctx.metrics.worker_waiting_for_schema.set(0)
