@@ -20,14 +20,16 @@ class Request:
     timeout_ms: int
     attempts: int = 1
     created_epoch_s: float = 0.0
-    # Delivery options (sql/0007_delivery.sql); None means the server's default.
+    # Delivery options (the queue's `options`, sql/0007_delivery.sql); None means the server's default.
     retries: int = 0
     max_retries: int | None = None
     retry_backoff_ms: int | None = None
+    notify_channel: str | None = None
     idempotency_key: str | None = None
     signing_key_id: str | None = None
     callback_oid: int | None = None
-    requested_by: str | None = None
+    # Claimed with a per-destination concurrency slot (sql/0008_destination_limits.sql).
+    destination_leased: bool = False
     # The queue table's oid: which install of the net schema the request belongs to.
     queue_oid: int = 0
 
@@ -54,6 +56,14 @@ class Response:
     retry_in_ms: float | None = None
     duration_s: float = 0.0
     request: Request | None = None
+
+    def needs_delivery_write(self, notify_channel: str | None) -> bool:
+        """Whether storing this row takes write_back_delivery (a retry, an archive, a NOTIFY, a
+        callback or a lease to release) rather than the plain write_back."""
+        request = self.request
+        return (self.retry_in_ms is not None or self.failed or notify_channel is not None
+                or (request is not None and (request.notify_channel is not None or request.callback_oid is not None
+                                             or request.destination_leased)))
 
     @property
     def failed(self) -> bool:

@@ -12,6 +12,23 @@ from .model import Request, Response
 from .settings import DestinationLimit
 from .sql_files import queries
 
+def _apply_options(request: Request, options: dict) -> None:
+    """Set a request's delivery options from its queue row's `options` (sql/0007_delivery.sql)."""
+    request.max_retries = options.get("max_retries")
+    request.retry_backoff_ms = options.get("retry_backoff_ms")
+    request.notify_channel = options.get("notify_channel")
+    request.idempotency_key = options.get("idempotency_key")
+    request.signing_key_id = options.get("signing_key_id")
+    request.callback_oid = options.get("callback")
+
+
+def _response_row(r: Response) -> list:
+    """A response as write_back's JSON array elements."""
+    return [r.id, r.status_code, r.content_type, r.headers, r.content,
+            None if r.content_bytes is None else base64.b64encode(r.content_bytes).decode("ascii"),
+            r.timed_out, r.error_msg, r.error_detail, r.request.retries + 1 if r.request else 1]
+
+
 class Queue:
     """The request queue and response table as seen by one worker (its lease owner name)."""
 
@@ -19,41 +36,56 @@ class Queue:
         self.conn = conn
         self.owner = owner
         self._sql = queries()
+        # Seconds until a host the last limited claim held back for want of tokens has some again.
+        self.limits_due_s: float | None = None
 
     def claim(self, limit: int, grace_s: float, limited: bool = False) -> list[Request]:
         """Lease up to limit requests to this worker and return them, oldest first; limited: only
-        those the per-destination limits let through now."""
+        those the per-destination limits let through now (then limits_due_s is read too)."""
         with database_errors("claiming requests"):
             rows = self.conn.execute(
                 self._sql["claim_limited" if limited else "claim"],
                 {"limit": limit, "owner": self.owner, "grace_s": grace_s},
             ).fetchall()
+            slotted: set[int] = set()
+            if limited:
+                self.limits_due_s, slotted_ids = self.conn.execute(self._sql["after_limited_claim"]).fetchone()
+                slotted = set(slotted_ids or ())
         rows.sort()
-        return [
-            Request(id, method, url, json.loads(headers), body, timeout_ms, attempts, created, *options,
-                    queue_oid=queue_oid)
-            for id, method, url, headers, body, timeout_ms, attempts, created, *options, queue_oid in rows
-        ]
+        requests = []
+        for id, method, url, headers, body, timeout_ms, attempts, created, retries, options, queue_oid in rows:
+            request = Request(id, method, url, json.loads(headers), body, timeout_ms, attempts, created, retries,
+                              queue_oid=queue_oid, destination_leased=id in slotted)
+            if options is not None:
+                _apply_options(request, json.loads(options))
+            requests.append(request)
+        return requests
 
     def write(self, responses: list[Response], notify_channel: str | None = None) -> int:
-        """Store responses of requests still leased to us and dequeue them (or reschedule their
-        retries), then run their SQL callbacks, in one transaction; return rows written."""
-        rows = json.dumps([
-            [r.id, r.status_code, r.content_type, r.headers, r.content,
-             None if r.content_bytes is None else base64.b64encode(r.content_bytes).decode("ascii"),
-             r.timed_out, r.error_msg, r.error_detail, r.retry_in_ms,
-             r.request.retries + 1 if r.request else 1, r.failed]
-            for r in responses
-        ])
+        """Store responses of requests still leased to us and dequeue them; return rows written.
+
+        Plain rows take write_back; rows using a delivery feature take write_back_delivery
+        (retries rescheduled, failures archived, NOTIFYs, SQL callbacks in its transaction).
+        """
+        plain = [r for r in responses if not r.needs_delivery_write(notify_channel)]
+        written = 0
+        if plain:
+            with database_errors("writing responses"):
+                written = self.conn.execute(self._sql["write_back"], {"owner": self.owner, "rows": json.dumps(
+                    [_response_row(r) for r in plain])}).rowcount
+        if len(plain) < len(responses):
+            written += self._write_delivery([r for r in responses if r.needs_delivery_write(notify_channel)],
+                                            notify_channel)
+        return written
+
+    def _write_delivery(self, responses: list[Response], notify_channel: str | None) -> int:
+        rows = json.dumps([[*_response_row(r), r.retry_in_ms, r.failed] for r in responses])
         params = {"owner": self.owner, "rows": rows, "notify_channel": notify_channel}
         with database_errors("writing responses"):
             if not any(r.request and r.request.callback_oid for r in responses):
-                return self.conn.execute(self._sql["write_back"], params).fetchone()[0]
+                return self.conn.execute(self._sql["write_back_delivery"], params).fetchone()[0]
             with self.conn.transaction():
-                written, _, callback_ids = self.conn.execute(self._sql["write_back"], params).fetchone()
-                stored = set(callback_ids or ())
-                calls = [[r.id, r.request.callback_oid, r.request.requested_by]
-                         for r in responses if r.id in stored and r.request.callback_oid]
+                written, _, calls = self.conn.execute(self._sql["write_back_delivery"], params).fetchone()
                 if calls:
                     self.conn.execute(self._sql["run_callbacks"], {"calls": json.dumps(calls)})
                 return written
@@ -62,11 +94,6 @@ class Queue:
         """Return whether net.destination_limits has any row, and any concurrency limit."""
         with database_errors("reading destination limits"):
             return self.conn.execute(self._sql["limits_active"]).fetchone()
-
-    def limits_due_s(self) -> float | None:
-        """Return seconds until a host held back by its rate limit may send again, or None."""
-        with database_errors("reading destination limits"):
-            return self.conn.execute(self._sql["limits_due"]).fetchone()[0]
 
     def set_destination_limits(self, limits: tuple[DestinationLimit, ...]) -> None:
         """Insert or replace the rows of net.destination_limits that serve's flags name."""

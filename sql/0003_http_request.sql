@@ -2,8 +2,8 @@
 --
 -- Any method token (PUT, PATCH, HEAD, OPTIONS, ...) and any body: bytes sent as given, with
 -- whatever Content-Type the headers name (none is added). pg_net's functions keep their rules.
--- The delivery options (max_retries ... callback) are stored in the columns that version 7
--- (sql/0007_delivery.sql) adds; the whole function lives here, once. An install of version 3
+-- The delivery options (max_retries ... callback) are stored in the queue's `options` column
+-- (sql/0007_delivery.sql); the whole function lives here, once. An install of version 3
 -- had the six-argument form: drop it, or calls with six arguments would be ambiguous.
 drop function if exists net.http_request(text, text, bytea, jsonb, jsonb, int);
 create or replace function net.http_request(
@@ -25,7 +25,7 @@ create or replace function net.http_request(
     volatile
 as $$
 declare
-    request_id bigint;
+    options jsonb;
     -- A name means the function of that name taking the request id (bigint).
     callback_fn regprocedure := case
         when callback is null then null
@@ -49,20 +49,17 @@ begin
             using errcode = 'invalid_parameter_value';
     end if;
     perform net._check_callback(callback_fn, net._caller());
-    request_id := net._queue_request(method, url, params, headers, body, timeout_milliseconds);
-    if num_nonnulls(max_retries, retry_backoff_milliseconds, notify_channel, idempotency_key, signing_key_id, callback_fn) > 0 then
-        update net.http_request_queue q
-        set max_retries = http_request.max_retries,
-            retry_backoff_ms = retry_backoff_milliseconds,
-            notify_channel = http_request.notify_channel,
-            -- Signed requests always carry a webhook-id: the same on every retry and replay.
-            idempotency_key = coalesce(http_request.idempotency_key,
-                                       case when http_request.signing_key_id is not null then 'msg_' || request_id end),
-            signing_key_id = http_request.signing_key_id,
-            callback = callback_fn
-        where q.id = request_id;
+    -- The options, or NULL for a request that has none: a plain request takes the fast path.
+    if num_nonnulls(max_retries, retry_backoff_milliseconds, notify_channel, idempotency_key, signing_key_id,
+                    callback_fn) > 0 then
+        options := jsonb_strip_nulls(jsonb_build_object(
+            'max_retries', max_retries, 'retry_backoff_ms', retry_backoff_milliseconds,
+            'notify_channel', notify_channel, 'idempotency_key', idempotency_key,
+            'signing_key_id', signing_key_id, 'callback', callback_fn::oid::bigint));
     end if;
-    return request_id;
+    -- A signed request with no idempotency key is sent with webhook-id msg_<id>; its replays
+    -- keep that id (net.retry_request).
+    return net._queue_request(method, url, params, headers, body, timeout_milliseconds, options);
 end
 $$;
 

@@ -62,8 +62,6 @@ declare
         '_http_collect_response', 'http_collect_response', '_await_response', 'wake',
         'wait_until_running', 'check_worker_is_up', '_urlencode_string', '_encode_url_with_params_array',
         'retry_request', 'retry_requests', '_url_host'];
-    -- Options a request function sets on a row it just queued (sql/0007_delivery.sql).
-    option_columns text := 'max_retries, retry_backoff_ms, notify_channel, idempotency_key, signing_key_id, callback';
     fn record;
 begin
     -- Group roles are cluster-wide: create them once, if this role may.
@@ -158,9 +156,7 @@ begin
             execute format('revoke execute on function %s from pgnet_user', fn.signature);
         end loop;
         grant select on net.http_request_queue to pgnet_user;
-        execute format('grant insert (method, url, headers, body, timeout_milliseconds, replay_of, %s) '
-                       'on net.http_request_queue to pgnet_user', option_columns);
-        execute format('grant update (%s) on net.http_request_queue to pgnet_user', option_columns);
+        grant insert (method, url, headers, body, timeout_milliseconds, options) on net.http_request_queue to pgnet_user;
         grant usage on sequence net.http_request_queue_id_seq to pgnet_user;
         grant select, delete on net._http_response to pgnet_user;
         grant select, update (replayed_as) on net._http_request_archive to pgnet_user;

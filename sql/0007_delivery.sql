@@ -6,18 +6,20 @@
 -- connection. Requests that end in failure are kept (net._http_request_archive) until their
 -- response expires, so they can be replayed (net.retry_request, net.retry_requests).
 
+-- The options live in one jsonb column, NULL for a plain request: each column of the queue costs
+-- every insert (the executor builds a projection of the whole row per net.http_get), so the
+-- requests that use no option pay for one column, not seven. Keys: max_retries,
+-- retry_backoff_ms, notify_channel, idempotency_key, signing_key_id, callback (a function's
+-- oid), replay_of. Installs of versions 7 and 8 had a column each: sql/0009 folds them in.
 alter table net.http_request_queue
     add column if not exists not_before timestamptz,
-    add column if not exists max_retries int,
-    add column if not exists retry_backoff_ms int,
     add column if not exists retries int not null default 0,
-    add column if not exists notify_channel text,
-    add column if not exists idempotency_key text,
-    add column if not exists signing_key_id text,
-    add column if not exists callback regprocedure,
-    add column if not exists replay_of bigint;
+    add column if not exists options jsonb;
 comment on column net.http_request_queue.not_before is 'A retry waits until then (pgnet-curl).';
 comment on column net.http_request_queue.retries is 'Attempts already made that ended in a retryable failure.';
+comment on column net.http_request_queue.options is
+    'Delivery options of net.http_request (pgnet-curl): max_retries, retry_backoff_ms, notify_channel, '
+    'idempotency_key, signing_key_id, callback (oid), replay_of. NULL: none.';
 
 alter table net._http_response
     add column if not exists attempts int,
@@ -33,18 +35,13 @@ create unlogged table if not exists net._http_request_archive(
     headers jsonb not null,
     body bytea,
     timeout_milliseconds int not null,
-    max_retries int,
-    retry_backoff_ms int,
-    notify_channel text,
-    idempotency_key text,
-    signing_key_id text,
-    callback regprocedure,
-    replay_of bigint,
+    options jsonb,
     requested_by name not null,
     created_at timestamptz not null,
     archived_at timestamptz not null default now(),
     replayed_as bigint
 );
+alter table net._http_request_archive add column if not exists options jsonb;
 create index if not exists _http_request_archive_archived_idx on net._http_request_archive (archived_at);
 
 -- Signing keys (Standard Webhooks): readable by the owner and the worker only. Every key of a
@@ -147,8 +144,9 @@ $$;
 -- Requests that ended in failure (an error, a timeout or a status of 400 or more, after any
 -- retries), kept until their response expires; replay them with net.retry_request(id).
 create or replace view net.failed_requests as
-select a.id, a.method, a.url, a.headers, a.body, a.requested_by, r.attempts, a.max_retries,
-       r.status_code, r.timed_out, r.error_msg, r.created as failed_at, a.replay_of, a.replayed_as
+select a.id, a.method, a.url, a.headers, a.body, a.requested_by, r.attempts, (a.options ->> 'max_retries')::int as max_retries,
+       r.status_code, r.timed_out, r.error_msg, r.created as failed_at, (a.options ->> 'replay_of')::bigint as replay_of,
+       a.replayed_as
 from net._http_request_archive a
 join net._http_response r on r.id = a.id
 -- The view reads the tables as its owner: in private mode show each role its own only.
@@ -177,11 +175,13 @@ begin
         raise exception 'request % was already replayed as request %', request_id, done_as
             using errcode = 'unique_violation', hint = 'replay that one if it failed too';
     end if;
-    insert into net.http_request_queue(method, url, headers, body, timeout_milliseconds, max_retries,
-                                       retry_backoff_ms, notify_channel, idempotency_key, signing_key_id,
-                                       callback, replay_of)
-    select a.method, a.url, a.headers, a.body, a.timeout_milliseconds, a.max_retries, a.retry_backoff_ms,
-           a.notify_channel, a.idempotency_key, a.signing_key_id, a.callback, coalesce(a.replay_of, a.id)
+    -- A signed request sent as webhook-id msg_<id> keeps that id in its replays.
+    insert into net.http_request_queue(method, url, headers, body, timeout_milliseconds, options)
+    select a.method, a.url, a.headers, a.body, a.timeout_milliseconds,
+           coalesce(a.options, '{}'::jsonb)
+           || jsonb_build_object('replay_of', coalesce((a.options ->> 'replay_of')::bigint, a.id))
+           || case when a.options ? 'signing_key_id' and not a.options ? 'idempotency_key'
+                   then jsonb_build_object('idempotency_key', 'msg_' || a.id) else '{}'::jsonb end
     from net._http_request_archive a where a.id = request_id
     returning id into new_id;
     update net._http_request_archive set replayed_as = new_id where id = request_id;

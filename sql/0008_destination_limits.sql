@@ -12,10 +12,10 @@
 -- they take no worker slot and no connection, and other hosts' rows are claimed past them.
 
 -- The destination host of a URL: lower case, no userinfo, port, brackets or trailing dot. The
--- request functions check the URL's form. A function, not an expression in the column: the
--- executor prepares a column's expression at every insert, and net.http_get() inserts one row
--- (measured per net.http_get() of 13 µs: 3 µs more this way, 24 µs more inline). No
--- SET clause (it would cost a GUC save and restore per call): every name is qualified.
+-- request functions check the URL's form. Computed where limits are checked (net._claim_limited)
+-- and replays are chosen (net.retry_requests), not at every insert: a plain request pays
+-- nothing for it. No SET clause (it would cost a GUC save and restore per call): every name is
+-- qualified.
 create or replace function net._url_host(url text)
     returns text
     language plpgsql
@@ -33,11 +33,6 @@ begin
     return pg_catalog.rtrim(pg_catalog.lower(pg_catalog.split_part(host_port, ':', 1)), '.');
 end
 $$;
-
--- Computed once at insert, so the request functions do not change.
-alter table net.http_request_queue
-    add column if not exists host text generated always as (net._url_host(url)) stored;
-comment on column net.http_request_queue.host is 'The URL''s host, lower case (pgnet-curl: per-destination limits).';
 
 create table if not exists net.destination_limits(
     host_pattern text primary key,
@@ -158,6 +153,8 @@ declare
     counted text[];
     due_s float8;
     taken bigint[] := '{}';
+    -- The taken requests that hold a concurrency slot: their write-back releases it.
+    slotted bigint[] := '{}';
     after_id bigint := 0;
     round int;
     candidate_ids bigint[];
@@ -192,12 +189,12 @@ begin
         select coalesce(array_agg(c.id order by c.id), '{}'), coalesce(array_agg(coalesce(c.host, '') order by c.id), '{}')
         into candidate_ids, candidate_hosts
         from (
-            select q.id, q.host
+            select q.id, coalesce(net._url_host(q.url), '') as host
             from net.http_request_queue q
             where (q.lease_expires_at is null or q.lease_expires_at < now_ts)
               and (q.not_before is null or q.not_before <= now_ts)
               and q.id > after_id
-              and coalesce(q.host, '') <> all(held)
+              and coalesce(net._url_host(q.url), '') <> all(held)
             order by q.id
             limit max_rows - cardinality(taken)
             for update skip locked
@@ -275,8 +272,10 @@ begin
             from chosen c join net.http_request_queue q on q.id = c.id
             where c.host = any(counted)
             on conflict (id) do update set owner = excluded.owner, expires_at = excluded.expires_at
+            returning d.id
         )
-        select taken || coalesce(array_agg(c.id), '{}') into taken from chosen c;
+        select taken || coalesce(array_agg(c.id), '{}'), slotted || coalesce((select array_agg(id) from leased), '{}')
+        into taken, slotted from chosen c;
         exit when not more or cardinality(taken) >= max_rows;
     end loop;
     -- For net._destination_limits_due_s(), read by the worker right after this statement: when
@@ -297,12 +296,14 @@ begin
       and (b.taken_by is null or b.taken_by = _claim_limited.owner
            or b.taken_at < clock_timestamp() - make_interval(secs => 1 + t.target / t.rate));
     perform set_config('pgnet_curl.limits_due_s', coalesce(due_s::text, ''), false);
+    perform set_config('pgnet_curl.slotted_ids', slotted::text, false);
     return taken;
 end
 $$;
 
 -- Seconds until a host that the session's last net._claim_limited() held back for want of
 -- tokens has some (NULL: none): the worker claims again then, not only at the safety poll.
+-- (The ids it gave a concurrency slot are in the setting pgnet_curl.slotted_ids.)
 create or replace function net._destination_limits_due_s()
     returns float8
     language sql

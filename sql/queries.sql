@@ -22,9 +22,7 @@ where id = any(array(
     for update skip locked
 ))
 returning id, method, url, headers::text, body, timeout_milliseconds,
-          attempts, extract(epoch from created_at)::float8,
-          retries, max_retries, retry_backoff_ms,
-          idempotency_key, signing_key_id, callback::oid, requested_by, tableoid;
+          attempts, extract(epoch from created_at)::float8, retries, options::text, tableoid;
 
 -- name: claim_limited
 -- The claim while net.destination_limits has rows: the same lease, on the rows the per-host
@@ -37,18 +35,17 @@ set lease_owner = %(owner)s,
 where id = any((select net._claim_limited(%(owner)s, %(limit)s, %(grace_s)s))::bigint[])
 -- Exactly claim's columns: the worker reads both the same way.
 returning id, method, url, headers::text, body, timeout_milliseconds,
-          attempts, extract(epoch from created_at)::float8,
-          retries, max_retries, retry_backoff_ms,
-          idempotency_key, signing_key_id, callback::oid, requested_by, tableoid;
+          attempts, extract(epoch from created_at)::float8, retries, options::text, tableoid;
 
 -- name: limits_active
 -- Whether any per-destination limit is set (the worker claims with claim_limited if so), and
 -- whether any caps concurrency (a finished request may then let a held-back one go).
 select count(*) > 0, count(max_concurrent) > 0 from net.destination_limits;
 
--- name: limits_due
--- Seconds until a host that limits held back can send again (NULL: none is waiting for tokens).
-select net._destination_limits_due_s();
+-- name: after_limited_claim
+-- Read right after claim_limited: seconds until a host that limits held back can send again
+-- (NULL: none is waiting for tokens), and the ids claimed that hold a concurrency slot.
+select net._destination_limits_due_s(), current_setting('pgnet_curl.slotted_ids', true)::bigint[];
 
 -- name: set_destination_limit
 -- A `serve --destination-limit` flag: insert or replace the pattern's row.
@@ -61,19 +58,43 @@ where (l.max_concurrent, l.max_per_second, l.burst, l.source)
       is distinct from (excluded.max_concurrent, excluded.max_per_second, excluded.burst, 'serve');
 
 -- name: write_back
--- Store finished responses of the requests this worker still owns and dequeue them, or put
--- a request that will be tried again back with its not-before time, in one statement. A row
--- whose lease passed to another worker is skipped: that worker answers it. Failed requests are
--- archived whole for replay; the completion NOTIFY is sent in the same transaction as the row.
--- %(rows)s is one JSON array of [id, status_code, content_type, headers, content,
--- content_bytes (base64), timed_out, error_msg, error_detail, retry_in_ms, attempts, failed]
+-- Store finished responses of the requests this worker still owns and dequeue them: for plain
+-- requests (no retry to schedule, not failed, no notify channel, no callback, no destination
+-- lease), which is nearly every request. A row whose lease passed to another worker is skipped:
+-- that worker answers it. %(rows)s is one JSON array of [id, status_code, content_type,
+-- headers, content, content_bytes (base64), timed_out, error_msg, error_detail, attempts]
 -- arrays: one parameter, parsed once, instead of arrays dumped element by element.
--- Returns (rows stored or rescheduled, ids stored whose request has a SQL callback).
 with r as (
     select (e ->> 0)::bigint as id, (e ->> 1)::int as status_code, e ->> 2 as content_type,
            e -> 3 as headers, e ->> 4 as content, decode(e ->> 5, 'base64') as content_bytes,
-           (e ->> 6)::bool as timed_out, e ->> 7 as error_msg, e ->> 8 as error_detail,
-           (e ->> 9)::float8 as retry_in_ms, (e ->> 10)::int as attempts, (e ->> 11)::bool as failed
+           (e ->> 6)::bool as timed_out, e ->> 7 as error_msg, e ->> 8 as error_detail, (e ->> 9)::int as attempts
+    from jsonb_array_elements(%(rows)s::jsonb) as e
+), done as (
+    delete from net.http_request_queue
+    where id = any(array(select id from r)) and lease_owner = %(owner)s
+    returning id, requested_by
+)
+insert into net._http_response
+    (id, status_code, content_type, headers, content, content_bytes, timed_out, error_msg, error_detail,
+     requested_by, attempts)
+select r.id, r.status_code, r.content_type, nullif(r.headers, 'null'), r.content, r.content_bytes, r.timed_out,
+       r.error_msg, r.error_detail, done.requested_by, r.attempts
+from r join done on done.id = r.id
+on conflict (id) do nothing;
+
+-- name: write_back_delivery
+-- write_back for the rows that use a delivery feature, in one statement: a request that will
+-- be tried again goes back with its not-before time; the per-destination concurrency a request
+-- held is released; a failed request is archived whole for replay; the completion NOTIFY is
+-- sent in the same transaction as the row. Rows as in write_back, with two more elements:
+-- retry_in_ms and failed. Returns (rows stored or rescheduled, NOTIFYs sent (a CTE that is not
+-- read does not run), the [id, callback oid, requested_by] of stored rows whose request has a
+-- SQL callback, as JSON).
+with r as (
+    select (e ->> 0)::bigint as id, (e ->> 1)::int as status_code, e ->> 2 as content_type,
+           e -> 3 as headers, e ->> 4 as content, decode(e ->> 5, 'base64') as content_bytes,
+           (e ->> 6)::bool as timed_out, e ->> 7 as error_msg, e ->> 8 as error_detail, (e ->> 9)::int as attempts,
+           (e ->> 10)::float8 as retry_in_ms, (e ->> 11)::bool as failed
     from jsonb_array_elements(%(rows)s::jsonb) as e
 ), rescheduled as (
     update net.http_request_queue q
@@ -89,13 +110,11 @@ with r as (
 ), done as (
     delete from net.http_request_queue
     where id = any(array(select id from r where retry_in_ms is null)) and lease_owner = %(owner)s
-    returning *
+    returning id, method, url, headers, body, timeout_milliseconds, options, requested_by, created_at
 ), archived as (
     insert into net._http_request_archive
-        (id, method, url, headers, body, timeout_milliseconds, max_retries, retry_backoff_ms, notify_channel,
-         idempotency_key, signing_key_id, callback, replay_of, requested_by, created_at)
-    select d.id, d.method, d.url, d.headers, d.body, d.timeout_milliseconds, d.max_retries, d.retry_backoff_ms,
-           d.notify_channel, d.idempotency_key, d.signing_key_id, d.callback, d.replay_of, d.requested_by, d.created_at
+        (id, method, url, headers, body, timeout_milliseconds, options, requested_by, created_at)
+    select d.id, d.method, d.url, d.headers, d.body, d.timeout_milliseconds, d.options, d.requested_by, d.created_at
     from done d join r on r.id = d.id
     where r.failed
     on conflict (id) do nothing
@@ -112,12 +131,13 @@ with r as (
     select pg_notify(channel, s.id::text)
     from stored s
     join done d on d.id = s.id
-    cross join lateral (select coalesce(d.notify_channel, %(notify_channel)s::text) as channel) c
+    cross join lateral (select coalesce(d.options ->> 'notify_channel', %(notify_channel)s::text) as channel) c
     where channel is not null
 )
 select (select count(*) from stored) + (select count(*) from rescheduled),
        (select count(*) from notified),
-       (select array_agg(s.id) from stored s join done d on d.id = s.id where d.callback is not null);
+       (select jsonb_agg(jsonb_build_array(s.id, (d.options ->> 'callback')::oid, d.requested_by))
+        from stored s join done d on d.id = s.id where d.options ? 'callback');
 
 -- name: run_callbacks
 -- Run the SQL callbacks of responses just stored, in the write-back's transaction.

@@ -17,6 +17,9 @@ from psycopg import errors
 
 from helpers import wait_until
 
+from pgnet_curl.model import Response
+from pgnet_curl.queue import Queue
+
 
 def flaky_url(http_server, fail: int, status: int = 503, retry_after: str | None = None) -> tuple[str, str]:
     """(url, path) of a fresh /flaky endpoint that fails `fail` times, then answers 200."""
@@ -265,3 +268,15 @@ def test_any_role_replays_failures_for_a_host(db, make_role, serve, db_dsn, http
     with psycopg.connect(dsn, autocommit=True) as conn:
         (replay,) = conn.execute("select * from net.retry_requests('127.0.0.1')").fetchone()
     assert response(db, replay)["status_code"] == 502
+
+
+def test_a_batch_of_plain_and_failed_responses_stores_all_and_archives_the_failed(db, db_dsn):
+    ids = [db.execute("select net.http_get('http://127.0.0.1:9/')").fetchone()[0] for _ in range(3)]
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        queue = Queue(conn, "worker-a")
+        claimed = queue.claim(10, 30.0)
+        statuses = {ids[0]: 200, ids[1]: 503, ids[2]: 201}
+        assert queue.write([Response(r.id, status_code=statuses[r.id], request=r) for r in claimed]) == 3
+    assert db.execute("select id, status_code from net._http_response order by id").fetchall() == sorted(statuses.items())
+    assert db.execute("select id from net.failed_requests").fetchall() == [(ids[1],)]
+    assert db.execute("select count(*) from net.http_request_queue").fetchone()[0] == 0

@@ -137,3 +137,35 @@ def test_upgrade_from_version_one_keeps_data(empty_db_dsn):
     assert schema.install(empty_db_dsn) == schema.latest_version()
     with psycopg.connect(empty_db_dsn) as conn:
         assert conn.execute("select content, content_bytes from net._http_response").fetchall() == [("kept", None)]
+
+
+def test_upgrade_from_version_eight_folds_the_option_columns_into_options(db):
+    """Versions 7 and 8 kept each delivery option (and the host) in a column of its own."""
+    for table in ("net.http_request_queue", "net._http_request_archive"):
+        db.execute(f"""alter table {table} add column max_retries int, add column retry_backoff_ms int,
+                       add column notify_channel text, add column idempotency_key text, add column signing_key_id text,
+                       add column callback regprocedure, add column replay_of bigint""")
+    db.execute("alter table net.http_request_queue add column host text")
+    db.execute("""insert into net.http_request_queue(method, url, headers, timeout_milliseconds, max_retries,
+                                                     notify_channel, callback)
+                  values ('GET', 'http://127.0.0.1:9/a', '{}', 1000, 3, 'done', 'pg_catalog.abs(bigint)'),
+                         ('GET', 'http://127.0.0.1:9/b', '{}', 1000, null, null, null)""")
+    db.execute("""insert into net._http_request_archive(id, method, url, headers, timeout_milliseconds, requested_by,
+                                                       created_at, idempotency_key, replay_of)
+                  values (7, 'GET', 'http://127.0.0.1:9/c', '{}', 1000, 'postgres', now(), 'msg_5', 5)""")
+    db.execute("delete from net._schema_migrations where version = 9")
+
+    db.execute(schema.install_script().encode())
+
+    assert db.execute("select url, options from net.http_request_queue order by id").fetchall() == [
+        ("http://127.0.0.1:9/a", {"max_retries": 3, "notify_channel": "done",
+                                  "callback": db.execute("select 'pg_catalog.abs(bigint)'::regprocedure::oid").fetchone()[0]}),
+        ("http://127.0.0.1:9/b", None)]
+    assert db.execute("select options from net._http_request_archive").fetchone()[0] == {
+        "idempotency_key": "msg_5", "replay_of": 5}
+    left = db.execute("""select attrelid::regclass::text, attname from pg_attribute
+                         where attrelid in ('net.http_request_queue'::regclass, 'net._http_request_archive'::regclass)
+                           and attname in ('max_retries', 'notify_channel', 'callback', 'replay_of', 'host')
+                           and not attisdropped""").fetchall()
+    assert left == []
+    assert db.execute("select max(version) from net._schema_migrations").fetchone()[0] == schema.latest_version()
