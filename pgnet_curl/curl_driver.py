@@ -158,6 +158,8 @@ class CurlDriver:
         setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS)
         for option, value in self._transport_options:
             setopt(option, value)
+        # Once per handle, not per request: the callback finds the handle's transfer of the moment.
+        setopt(pycurl.OPENSOCKETFUNCTION, partial(self._open_socket, handle))
 
     def _configure(self, handle: pycurl.Curl, transfer: _Transfer) -> None:
         """Set what this request changes; a plain GET needs no reset() of the handle afterwards."""
@@ -167,7 +169,6 @@ class CurlDriver:
         setopt(pycurl.WRITEFUNCTION, transfer.body.write)
         setopt(pycurl.HEADERFUNCTION, transfer.headers.write)
         setopt(pycurl.TIMEOUT_MS, request.timeout_ms)
-        setopt(pycurl.OPENSOCKETFUNCTION, partial(_open_socket, self._policy, transfer))
         if request.headers:
             transfer.dirty = True
             # "Name;" is libcurl's way to send a header with an empty value.
@@ -200,6 +201,9 @@ class CurlDriver:
             handle.reset()
             self._set_constant_options(handle)
         self._idle_handles.append(handle)
+
+    def _open_socket(self, handle: pycurl.Curl, purpose: int, address) -> _OwnedFd | int:
+        return _open_socket(self._policy, self._transfers[handle], purpose, address)
 
     def socket_event(self, fd: int, readable: bool, writable: bool) -> None:
         """Tell libcurl that fd is ready."""
