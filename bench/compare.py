@@ -8,6 +8,7 @@ head / base.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -57,6 +58,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="abort when no response row appears for this long (default 60 s)")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="before each round wait up to this long for the machine to be < 15%% busy")
+    parser.add_argument("--head-alongside", choices=sorted(context.ALONGSIDE_SQL),
+                        help="on the head side only, a feature set up for other requests (a limit row for another "
+                             "host, a signing key, 1 %% of requests with a SQL callback): with BASE = --head = the "
+                             "same revision, what the feature costs the requests that do not use it")
     parser.add_argument("--json", type=Path, help="default: bench/results/compare-<time>.json")
     args = parser.parse_args(argv)
     for name in ("rounds", "requests", "workers"):
@@ -118,7 +123,8 @@ def markdown(result: dict) -> str:
         f"{settings['requests']:,} `net.http_get()` to {settings['target']} `/fast` committed in one transaction, "
         f"until all responses are visible; rounds alternating base, head, {settings['rounds']} per side; "
         f"`serve --workers {settings['workers']}{' ' + flags if flags else ''}`; {settings['postgres']}; "
-        f"{settings['cores']} cores; {result['started_at']}.", "",
+        f"{settings['cores']} cores; {result['started_at']}."
+        + (f" Head side with `{settings['head_alongside']}` alongside." if settings.get("head_alongside") else ""), "",
         "| figure | base | head | head / base |", "|---|---:|---:|---:|",
     ]
     for label, key, decimals in FIGURES:
@@ -177,8 +183,10 @@ def main(argv: list[str]) -> None:
             db.start()
             admin_dsn = db.admin_dsn
         target.start()
-        benches = {name: context.Bench(options, db, target, work_dir, f"{stamp}-{name}", serve_python=side.python,
-                                       serve_cwd=side.cwd) for db, (name, side) in zip(databases, sides.items())}
+        side_options = {"base": options, "head": dataclasses.replace(options, alongside=args.head_alongside)}
+        benches = {name: context.Bench(side_options[name], db, target, work_dir, f"{stamp}-{name}",
+                                       serve_python=side.python, serve_cwd=side.cwd)
+                   for db, (name, side) in zip(databases, sides.items())}
         rounds = run_rounds(benches, sides, args.rounds, args.requests, args.wait_quiet)
     except KeyboardInterrupt:
         print("\ninterrupted: stopping every process the bench started", file=sys.stderr, flush=True)
@@ -200,6 +208,7 @@ def main(argv: list[str]) -> None:
     result = {
         "scenario": "compare", "command": "python -m bench compare " + " ".join(argv), "started_at": started_at,
         "settings": {"requests": args.requests, "rounds": args.rounds, "workers": args.workers,
+                     "head_alongside": args.head_alongside,
                      "wait_quiet_s": args.wait_quiet,
                      "target": args.target, "serve_flags": options.serve_flags, "cores": os.cpu_count(),
                      "postgres": f"--dsn (server {databases[0].server_version})" if args.dsn

@@ -24,6 +24,19 @@ ENQUEUE_SQL = {
     "signed": "select net.http_request('POST', %s, convert_to('{\"event\": 1}', 'UTF8'), "
               "signing_key_id => 'bench') from generate_series(1, %s)",
 }
+# With --alongside, a feature is set up for other requests while the measured ones stay as they
+# are: what it costs them should be nothing (a limit row for another host, a signing key nobody
+# uses here, or one request in CALLBACK_EVERY carrying a SQL callback).
+ALONGSIDE_SQL = {
+    "limit": "insert into net.destination_limits(host_pattern, max_concurrent, max_per_second) "
+             "values ('other.invalid', 10, 100) on conflict do nothing",
+    "signing-key": "select net.rotate_signing_key('others') "
+                   "where not exists (select from net.signing_keys where key_id = 'others')",
+    "callback": "create or replace function public.bench_done(request_id bigint) returns void "
+                "language sql security definer as 'select'",
+}
+CALLBACK_EVERY = 100
+CALLBACK_ENQUEUE_SQL = "select net.http_request('GET', %s, callback => 'public.bench_done') from generate_series(1, %s)"
 CORES = os.cpu_count() or 1
 
 
@@ -39,6 +52,7 @@ class Options:
     txn_rows: int = 20_000
     enqueuers: int = 2
     delivery: str = "plain"
+    alongside: str | None = None
     profile: str | None = None
     results_dir: Path = Path("bench/results")
 
@@ -122,6 +136,12 @@ class Bench:
     def enqueue(self, conn: psycopg.Connection, url: str, count: int) -> list[int]:
         """Queue count GETs in the connection's open transaction, txn_rows per statement."""
         ids: list[int] = []
+        alongside = self.options.alongside
+        if alongside:
+            with self.db.connect() as setup:
+                setup.execute(ALONGSIDE_SQL[alongside])
+            if alongside == "callback":
+                ids.extend(row_id for (row_id,) in conn.execute(CALLBACK_ENQUEUE_SQL, (url, count // CALLBACK_EVERY)))
         if self.options.delivery == "signed" and not conn.execute(
                 "select exists (select from net.signing_keys where key_id = 'bench')").fetchone()[0]:
             conn.execute("select net.rotate_signing_key('bench')")
