@@ -170,7 +170,16 @@ declare
     window_n int;
     now_epoch float8;
     recent float8[];
+    -- LIKE patterns a URL must match for its host to match a limit's pattern (a cheap test
+    -- before the host is computed), unless some limit is `*`, which matches every host.
+    url_frags text[];
+    any_star bool;
 begin
+    select coalesce(bool_or(l.host_pattern = '*'), false),
+           coalesce(array_agg('%' || replace(replace(replace(ltrim(l.host_pattern, '*'), '\', '\\'), '%', '\%'), '_', '\_')
+                              || '%'), '{}')
+    into any_star, url_frags
+    from net.destination_limits l;
     -- Hosts out of tokens or of concurrency now: their rows are not even locked.
     select coalesce(array_agg(h.host) filter (where h.no_tokens or h.full), '{}'),
            coalesce(array_agg(h.host) filter (where h.no_tokens), '{}')
@@ -189,18 +198,27 @@ begin
         select coalesce(array_agg(c.id order by c.id), '{}'), coalesce(array_agg(coalesce(c.host, '') order by c.id), '{}')
         into candidate_ids, candidate_hosts
         from (
-            select q.id, coalesce(net._url_host(q.url), '') as host
+            -- '' for a request whose URL cannot name a limited host: it goes as if unlimited.
+            select q.id, case when any_star or lower(q.url) like any(url_frags)
+                              then coalesce(net._url_host(q.url), '') else '' end as host
             from net.http_request_queue q
             where (q.lease_expires_at is null or q.lease_expires_at < now_ts)
               and (q.not_before is null or q.not_before <= now_ts)
               and q.id > after_id
-              and coalesce(net._url_host(q.url), '') <> all(held)
+              and (cardinality(held) = 0
+                   or case when any_star or lower(q.url) like any(url_frags)
+                           then coalesce(net._url_host(q.url), '') else '' end <> all(held))
             order by q.id
             limit max_rows - cardinality(taken)
             for update skip locked
         ) c;
         exit when cardinality(candidate_ids) = 0;
         after_id := candidate_ids[cardinality(candidate_ids)];
+        if '' = all(candidate_hosts) then
+            -- No candidate's host has a limit: all of them go, as the plain claim would take them.
+            taken := taken || candidate_ids;
+            exit;
+        end if;
         allowed := '{}';
         counted := '{}';
         more := false;
