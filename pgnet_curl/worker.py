@@ -547,10 +547,10 @@ class Worker:
             return
         queue = Queue(conn, self.owner)
         try:
-            queue_oid, batch_size, ttl = queue.check()
+            checked_oid, batch_size, ttl = queue.check()
             self.settings = self.settings.with_database_values(batch_size, ttl)
             try:
-                queue_oid = self._usable(queue_oid, conn)
+                queue_oid = self._usable(checked_oid, conn)
                 if queue_oid is not None:
                     self._signing_keys = queue.signing_keys()
                     self._limits_active, self._concurrency_limited = queue.limits_active()
@@ -574,6 +574,10 @@ class Worker:
         # Responses finished while we were away are written now (those whose lease held).
         self._oldest_pending_s = 0.0
         self._next_check_s = time.monotonic() + self._check_interval_s()
+        if checked_oid is not None and queue_oid is None and self._queue_oid is None and self._outdated_seen is None:
+            # Dropped after the check saw it, before this worker served it: told as a drop while
+            # serving is (_adopt_schema tells it when a served schema is gone).
+            (log.info if self.index == 1 else log.debug)("%s (the schema was dropped)", schema.WAITING_FOR_SCHEMA)
         self._adopt_schema(queue_oid, fresh_session=True)
         self._write_flag_limits()
 
