@@ -46,15 +46,20 @@ class ServeProcess:
             return handle.read()
 
     def wait_ready(self, expected_workers: int | None = None, timeout_s: float = 20) -> "ServeProcess":
-        """Wait until this many workers (default: ours) hold database sessions."""
+        """Wait until this many workers (default: ours) hold database sessions, and each of our
+        worker processes has logged its start line: it has then read the schema and serves it
+        (or waits for it), and has written its --destination-limit rows. A session is counted
+        from its first statement after LISTEN, while the worker is still reading the schema."""
         expected = self.workers if expected_workers is None else expected_workers
 
         def ready():
             if self.proc.poll() is not None:
                 raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.log}")
-            return connected_workers(self.dsn) >= expected
+            pids, log = self.worker_pids(), self.log
+            return (len(pids) >= self.workers and all(f" started (pid {pid}," in log for pid in pids)
+                    and connected_workers(self.dsn) >= expected)
 
-        wait_until(ready, timeout_s, interval_s=0.05, message=f"{expected} connected workers")
+        wait_until(ready, timeout_s, interval_s=0.05, message=f"{expected} connected workers, each started")
         return self
 
     def worker_pids(self) -> list[int]:

@@ -51,16 +51,20 @@ class Housekeeping:
 
     def first_reads(self, queue: Queue) -> int | None:
         """On a new connection: settings, the schema's oid (None: wait for it), keys and limits."""
-        queue_oid, batch_size, ttl = queue.check()
+        checked_oid, batch_size, ttl = queue.check()
         self.ctx.settings = self.ctx.settings.with_database_values(batch_size, ttl)
         try:
-            queue_oid = self._usable(queue_oid, queue)
+            queue_oid = self._usable(checked_oid, queue)
             if queue_oid is not None:
                 self.outcome.signing_keys = queue.signing_keys()
                 self.claimer.limits_active, self.claimer.concurrency_limited = queue.limits_active()
         except SchemaError:
             # Dropped between the check and these reads: connected, waiting for it.
             queue_oid = None
+        if checked_oid is not None and queue_oid is None and not self.session.serving and self._outdated_seen is None:
+            # Dropped after the check saw it, before this worker served it: told as a drop while
+            # serving is (following the schema tells it when a served schema is gone).
+            (log.info if self.ctx.index == 1 else log.debug)("%s (the schema was dropped)", schema.WAITING_FOR_SCHEMA)
         return queue_oid
 
     def check(self) -> int | None:

@@ -122,6 +122,25 @@ def test_a_drop_while_serving_waits_connected_and_logs_once(db, db_dsn, serve, h
     assert wait_answered(db, request_id, timeout_s=1.0)[0] == 200
 
 
+@pytest.mark.parametrize("table", ["signing_keys", "destination_limits"])
+def test_a_drop_while_a_worker_connects_is_logged_once(db, db_dsn, serve, http_server, table):
+    """The schema goes between a starting worker's check and its first reads of it."""
+    with psycopg.connect(db_dsn) as dropper:  # one transaction: the drop commits while the read waits
+        dropper.execute(f"lock table net.{table}")
+        process = serve(db_dsn, wait=False)
+        wait_until(lambda: db.execute(
+            "select count(*) from pg_stat_activity where datname = current_database() "
+            "and application_name = 'pgnet-curl worker 1' and wait_event_type = 'Lock'").fetchone()[0],
+            timeout_s=20, message=f"worker 1 to wait for net.{table}")
+        dropper.execute("drop schema net cascade")
+    wait_until(lambda: WAITING in process.log, message="the waiting line")
+    time.sleep(1.5)  # not synchronisation: nothing more may be logged while waiting
+    assert process.log.count(WAITING) == 1 and "retrying" not in process.log, process.log
+    db.execute(schema.install_script().encode())
+    request_id = db.execute("select net.http_get(%s)", (http_server.url_for("/echo"),)).fetchone()[0]
+    assert wait_answered(db, request_id)[0] == 200
+
+
 # ---- settings reload ---------------------------------------------------------------------
 
 AUTO_CONF_ENTRIES = ("select name, setting from pg_file_settings "
