@@ -28,7 +28,8 @@ class Request:
     idempotency_key: str | None = None
     signing_key_id: str | None = None
     callback_oid: int | None = None
-    # Claimed with a per-destination concurrency slot (sql/0008_destination_limits.sql).
+    # Claimed by the limited claim while some host's concurrency is limited: it may hold a slot
+    # to release (sql/0008_destination_limits.sql).
     destination_leased: bool = False
     # The queue table's oid: which install of the net schema the request belongs to.
     queue_oid: int = 0
@@ -58,12 +59,11 @@ class Response:
     request: Request | None = None
 
     def needs_delivery_write(self, notify_channel: str | None) -> bool:
-        """Whether storing this row takes write_back_delivery (a retry, an archive, a NOTIFY, a
-        callback or a lease to release) rather than the plain write_back."""
+        """Whether storing this row takes write_back_delivery (a retry, an archive, a NOTIFY or a
+        callback) rather than the plain write_back."""
         request = self.request
         return (self.retry_in_ms is not None or self.failed or notify_channel is not None
-                or (request is not None and (request.notify_channel is not None or request.callback_oid is not None
-                                             or request.destination_leased)))
+                or (request is not None and (request.notify_channel is not None or request.callback_oid is not None)))
 
     @property
     def failed(self) -> bool:

@@ -36,26 +36,22 @@ class Queue:
         self.conn = conn
         self.owner = owner
         self._sql = queries()
-        # Seconds until a host the last limited claim held back for want of tokens has some again.
-        self.limits_due_s: float | None = None
 
-    def claim(self, limit: int, grace_s: float, limited: bool = False) -> list[Request]:
+    def claim(self, limit: int, grace_s: float, limited: bool = False, slots: bool | None = None) -> list[Request]:
         """Lease up to limit requests to this worker and return them, oldest first; limited: only
-        those the per-destination limits let through now (then limits_due_s is read too)."""
+        those the per-destination limits let through now. slots: whether some host's concurrency
+        is limited (the limited claim may then give a request a slot; None: assume it may)."""
         with database_errors("claiming requests"):
             rows = self.conn.execute(
                 self._sql["claim_limited" if limited else "claim"],
                 {"limit": limit, "owner": self.owner, "grace_s": grace_s},
             ).fetchall()
-            slotted: set[int] = set()
-            if limited:
-                self.limits_due_s, slotted_ids = self.conn.execute(self._sql["after_limited_claim"]).fetchone()
-                slotted = set(slotted_ids or ())
         rows.sort()
+        slotted = limited and slots is not False
         requests = []
         for id, method, url, headers, body, timeout_ms, attempts, created, retries, options, queue_oid in rows:
             request = Request(id, method, url, json.loads(headers), body, timeout_ms, attempts, created, retries,
-                              queue_oid=queue_oid, destination_leased=id in slotted)
+                              queue_oid=queue_oid, destination_leased=slotted)
             if options is not None:
                 _apply_options(request, json.loads(options))
             requests.append(request)
@@ -70,9 +66,12 @@ class Queue:
         plain = [r for r in responses if not r.needs_delivery_write(notify_channel)]
         written = 0
         if plain:
+            # A limited claim may have given these a concurrency slot: then the write-back releases it.
+            release_slots = any(r.request is not None and r.request.destination_leased for r in plain)
             with database_errors("writing responses"):
-                written = self.conn.execute(self._sql["write_back"], {"owner": self.owner, "rows": json.dumps(
-                    [_response_row(r) for r in plain])}).rowcount
+                written = self.conn.execute(self._sql["write_back"], {
+                    "owner": self.owner, "release_slots": release_slots,
+                    "rows": json.dumps([_response_row(r) for r in plain])}).rowcount
         if len(plain) < len(responses):
             written += self._write_delivery([r for r in responses if r.needs_delivery_write(notify_channel)],
                                             notify_channel)
@@ -94,6 +93,11 @@ class Queue:
         """Return whether net.destination_limits has any row, and any concurrency limit."""
         with database_errors("reading destination limits"):
             return self.conn.execute(self._sql["limits_active"]).fetchone()
+
+    def limits_due_s(self) -> float | None:
+        """Return seconds until a host held back by its rate limit may send again, or None."""
+        with database_errors("reading destination limits"):
+            return self.conn.execute(self._sql["limits_due"]).fetchone()[0]
 
     def set_destination_limits(self, limits: tuple[DestinationLimit, ...]) -> None:
         """Insert or replace the rows of net.destination_limits that serve's flags name."""

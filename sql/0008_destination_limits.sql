@@ -153,8 +153,6 @@ declare
     counted text[];
     due_s float8;
     taken bigint[] := '{}';
-    -- The taken requests that hold a concurrency slot: their write-back releases it.
-    slotted bigint[] := '{}';
     after_id bigint := 0;
     round int;
     candidate_ids bigint[];
@@ -290,10 +288,8 @@ begin
             from chosen c join net.http_request_queue q on q.id = c.id
             where c.host = any(counted)
             on conflict (id) do update set owner = excluded.owner, expires_at = excluded.expires_at
-            returning d.id
         )
-        select taken || coalesce(array_agg(c.id), '{}'), slotted || coalesce((select array_agg(id) from leased), '{}')
-        into taken, slotted from chosen c;
+        select taken || coalesce(array_agg(c.id), '{}') into taken from chosen c;
         exit when not more or cardinality(taken) >= max_rows;
     end loop;
     -- For net._destination_limits_due_s(), read by the worker right after this statement: when
@@ -314,14 +310,12 @@ begin
       and (b.taken_by is null or b.taken_by = _claim_limited.owner
            or b.taken_at < clock_timestamp() - make_interval(secs => 1 + t.target / t.rate));
     perform set_config('pgnet_curl.limits_due_s', coalesce(due_s::text, ''), false);
-    perform set_config('pgnet_curl.slotted_ids', slotted::text, false);
     return taken;
 end
 $$;
 
 -- Seconds until a host that the session's last net._claim_limited() held back for want of
 -- tokens has some (NULL: none): the worker claims again then, not only at the safety poll.
--- (The ids it gave a concurrency slot are in the setting pgnet_curl.slotted_ids.)
 create or replace function net._destination_limits_due_s()
     returns float8
     language sql

@@ -42,10 +42,9 @@ returning id, method, url, headers::text, body, timeout_milliseconds,
 -- whether any caps concurrency (a finished request may then let a held-back one go).
 select count(*) > 0, count(max_concurrent) > 0 from net.destination_limits;
 
--- name: after_limited_claim
--- Read right after claim_limited: seconds until a host that limits held back can send again
--- (NULL: none is waiting for tokens), and the ids claimed that hold a concurrency slot.
-select net._destination_limits_due_s(), current_setting('pgnet_curl.slotted_ids', true)::bigint[];
+-- name: limits_due
+-- Seconds until a host that limits held back can send again (NULL: none is waiting for tokens).
+select net._destination_limits_due_s();
 
 -- name: set_destination_limit
 -- A `serve --destination-limit` flag: insert or replace the pattern's row.
@@ -59,8 +58,10 @@ where (l.max_concurrent, l.max_per_second, l.burst, l.source)
 
 -- name: write_back
 -- Store finished responses of the requests this worker still owns and dequeue them: for plain
--- requests (no retry to schedule, not failed, no notify channel, no callback, no destination
--- lease), which is nearly every request. A row whose lease passed to another worker is skipped:
+-- requests (no retry to schedule, not failed, no notify channel, no callback), which is nearly
+-- every request. %(release_slots)s is true for rows a limited claim may have given a
+-- concurrency slot (sql/0008_destination_limits.sql); false makes the slot delete a one-time
+-- filter that never scans. A row whose lease passed to another worker is skipped:
 -- that worker answers it. %(rows)s is one JSON array of [id, status_code, content_type,
 -- headers, content, content_bytes (base64), timed_out, error_msg, error_detail, attempts]
 -- arrays: one parameter, parsed once, instead of arrays dumped element by element.
@@ -69,6 +70,9 @@ with r as (
            e -> 3 as headers, e ->> 4 as content, decode(e ->> 5, 'base64') as content_bytes,
            (e ->> 6)::bool as timed_out, e ->> 7 as error_msg, e ->> 8 as error_detail, (e ->> 9)::int as attempts
     from jsonb_array_elements(%(rows)s::jsonb) as e
+), unleased as (
+    delete from net._destination_leases
+    where %(release_slots)s and id = any(array(select id from r)) and owner = %(owner)s
 ), done as (
     delete from net.http_request_queue
     where id = any(array(select id from r)) and lease_owner = %(owner)s

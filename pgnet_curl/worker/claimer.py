@@ -69,9 +69,12 @@ class Claimer:
             self.ask_for_help(queue, now)
             return None
         limit = min(ctx.settings.batch_size, self.free_slots())
-        requests = queue.claim(limit, ctx.settings.lease_grace_s, limited=self.limits_active)
-        if self.limits_active and len(requests) < limit and queue.limits_due_s is not None:
-            heapq.heappush(self._due_s, time.monotonic() + queue.limits_due_s)
+        requests = queue.claim(limit, ctx.settings.lease_grace_s, limited=self.limits_active,
+                               slots=self.concurrency_limited)
+        if self.limits_active and len(requests) < limit:
+            due_s = queue.limits_due_s()
+            if due_s is not None:
+                heapq.heappush(self._due_s, time.monotonic() + due_s)
         now_epoch_s = time.time()
         for request in requests:
             if request.attempts > 1:

@@ -22,7 +22,6 @@ def test_each_delivery_feature_takes_the_delivery_write_back():
         Response(1, status_code=200, timed_out=True, request=request()),
         Response(1, status_code=200, request=request(notify_channel="done")),
         Response(1, status_code=200, request=request(callback_oid=1234)),
-        Response(1, status_code=200, request=request(destination_leased=True)),
     ]
     assert all(response.needs_delivery_write(None) for response in cases)
     assert Response(1, status_code=200, request=request()).needs_delivery_write("serve_channel")
