@@ -34,8 +34,9 @@ def cli(log_level: str, log_format: str) -> None:
 @cli.command()
 @dsn_option(required=True)
 @click.option("--durable/--unlogged", default=None,
-              help="Logged tables that survive a crash, or unlogged ones like pg_net's "
-                   "(default: unlogged for a new install, unchanged for an existing one).")
+              help="Logged tables that survive a PostgreSQL crash, or unlogged ones like pg_net's, which "
+                   "crash recovery empties (default: logged for a new install, unchanged for an existing "
+                   "one; converting an existing one rewrites its tables under an exclusive lock).")
 @click.option("--private/--shared", default=None,
               help="Private: only roles granted pgnet_user may make requests, and each role sees only "
                    "its own; shared: pg_net's model (default: shared for a new install, unchanged for "
@@ -66,10 +67,12 @@ def uninstall(dsn: str) -> None:
 
 
 @cli.command()
-@click.option("--durable", is_flag=True, help="Make the tables logged instead of unlogged.")
+@click.option("--durable/--unlogged", default=None,
+              help="Logged tables or unlogged ones like pg_net's (default: logged for a new install, "
+                   "unchanged for an existing one).")
 @click.option("--private/--shared", default=None,
               help="Install the private or the shared privilege mode (default: keep what is installed).")
-def sql(durable: bool, private: bool | None) -> None:
+def sql(durable: bool | None, private: bool | None) -> None:
     """Print the install script, for people who run migrations with their own tools."""
     click.echo(schema.install_script(durable, private), nl=False)
 
