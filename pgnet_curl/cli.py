@@ -113,6 +113,9 @@ def _serve_options(function):
         ("--client-cert", str, "PEM client certificate sent to servers that ask for one."),
         ("--client-key", str, "PEM private key of --client-cert (unencrypted; default: in the cert file)."),
         ("--proxy", str, "http:// proxy for every request (default: http_proxy/https_proxy/no_proxy env)."),
+        ("--synchronous-commit", click.Choice(["on", "off"]),
+         "Whether the workers' commits wait for their WAL flush (default off: a PostgreSQL crash may "
+         "make them send the last few hundred ms of requests again, never lose one)."),
     ]
     policy_options = [
         ("--deny-cidr", dict(multiple=True), "Deny connections to this CIDR range (repeatable)."),

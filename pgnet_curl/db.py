@@ -57,9 +57,18 @@ def parse_dsn(dsn: str) -> dict:
         raise ConfigError(f"the DSN is not a valid connection string: {db_error_text(exc)}") from None
 
 
-def connect(dsn: str, application_name: str, listen: bool = False) -> psycopg.Connection:
-    """Open an autocommit connection named in pg_stat_activity; LISTEN for wakes if asked."""
+def connect(dsn: str, application_name: str, listen: bool = False,
+            synchronous_commit: bool | None = None) -> psycopg.Connection:
+    """Open an autocommit connection named in pg_stat_activity; LISTEN for wakes if asked.
+
+    synchronous_commit: whether a commit waits for its WAL flush. None: off in a worker's
+    session (listen), the server's setting in any other. Off, a crash forgets at most the last
+    3 x wal_writer_delay of a worker's claims and write-backs: those requests are sent again,
+    never lost, as every request is committed by its caller's own session.
+    """
     parse_dsn(dsn)
+    if synchronous_commit is None and listen:
+        synchronous_commit = False
     with database_errors("connecting to the database"):
         conn = psycopg.connect(
             dsn, autocommit=True, application_name=application_name, connect_timeout=CONNECT_TIMEOUT_S,
@@ -68,6 +77,8 @@ def connect(dsn: str, application_name: str, listen: bool = False) -> psycopg.Co
         # Our statements name net.* objects in full; resolving nothing else outside pg_catalog
         # means no role's look-alike function in another schema can run in our session.
         setup = "set search_path = pg_catalog, pg_temp"
+        if synchronous_commit is not None:
+            setup += f"; set synchronous_commit = {'on' if synchronous_commit else 'off'}"
         if listen:
             setup += f"; listen {WAKE_CHANNEL}; listen {CONTROL_CHANNEL}"
         conn.execute(setup)
