@@ -102,7 +102,7 @@ def _serve_options(function):
         ("--drain-timeout", float, "Seconds in-flight requests get on shutdown (default 10)."),
         ("--max-redirects", int, "Redirects followed per request (default 10)."),
         ("--max-attempts", int, "Claims without an answer before an error row (default 5)."),
-        ("--max-response-bytes", int, "Larger bodies end in an error row (default 32 MiB)."),
+        ("--max-response-bytes", int, "Larger bodies end in an error row (default 100 MiB)."),
         ("--max-host-connections", int, "Connections per destination host (default: no limit)."),
         ("--max-retries", int, "Retries of transient failures for requests that name none (default 0)."),
         ("--retry-backoff-ms", int, "Base of the exponential backoff between retries (default 1000)."),
