@@ -33,6 +33,8 @@ def _common_options() -> argparse.ArgumentParser:
     group.add_argument("--batch-size", type=int, help="serve --batch-size")
     group.add_argument("--serve-arg", action="append", default=[], metavar="FLAG=VALUE",
                        help="any other serve flag, e.g. write-batch-size=1000 (repeatable)")
+    group.add_argument("--unlogged", action="store_true",
+                       help="install the net tables unlogged, as pg_net's (default: logged, the default install)")
     group.add_argument("--target", choices=["python", "nginx"], default="python",
                        help="HTTP server answering /fast (slow requests always use the Python server)")
     group = common.add_argument_group("measurement")
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     machine = report.machine_info()
     code = report.code_version(REPO_DIR)
     work_dir = make_work_dir()
-    db = Database(args.dsn, work_dir, statement_timeout_s=max(120.0, 2 * args.stall_timeout_s))
+    db = Database(args.dsn, work_dir, statement_timeout_s=max(120.0, 2 * args.stall_timeout_s),
+                  unlogged=args.unlogged)
     target = make_target(args.target, work_dir)
     bench = None
     results, failures = [], 0
@@ -187,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             result.update({
                 "settings": {"workers": args.workers, **options.serve_flags, "target": args.target,
+                             "tables": "unlogged" if args.unlogged else "logged",
                              "postgres": f"--dsn (server {db.server_version})" if args.dsn
                              else f"embedded {db.server_version}, fsync on"},
                 "machine": {**machine, "busy_before_pct": busy_before_pct},

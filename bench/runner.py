@@ -101,8 +101,11 @@ def wait_for_port(port: int, timeout_s: float, process: subprocess.Popen | None 
 class Database:
     """A scratch database with the net schema: in an embedded cluster, or on the --dsn server."""
 
-    def __init__(self, admin_dsn: str | None, work_dir: Path, statement_timeout_s: float = 120.0):
+    def __init__(self, admin_dsn: str | None, work_dir: Path, statement_timeout_s: float = 120.0,
+                 unlogged: bool = False):
         self.given_dsn = admin_dsn
+        # Unlogged tables: pg_net's trade-off (install --unlogged), to measure what logging costs.
+        self.unlogged = unlogged
         # Every statement of the bench is bounded: a stuck database aborts the scenario.
         self.statement_timeout_s = statement_timeout_s
         self.work_dir = work_dir
@@ -131,7 +134,7 @@ class Database:
         params = conninfo_to_dict(self.admin_dsn)
         params["dbname"] = self.dbname
         self.dsn = make_conninfo(**params)
-        schema.install(self.dsn)
+        schema.install(self.dsn, durable=False if self.unlogged else None)
         return self.dsn
 
     def connect(self, autocommit: bool = True) -> psycopg.Connection:
