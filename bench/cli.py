@@ -93,6 +93,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backlog", type=int, default=20_000, help="requests to the limited host (default 20,000; 0: skip)")
     p.add_argument("--rate", type=float, default=100.0, help="its limit, requests per second (default 100)")
     p.add_argument("--burst", type=float, help="its bucket size (default: the table's, max(1, rate / 10))")
+    p = sub.add_parser("faults", parents=common,
+                       help="a killed worker, a PostgreSQL crash, a dropped network, a killed serve, under load")
+    p.add_argument("--rate", type=float, default=2000.0, help="requests per second offered (default 2,000)")
+    p.add_argument("--steady-s", type=float, default=10.0, help="seconds of load between faults (default 10)")
     sub.add_parser("summary", help="print saved JSON results as markdown tables: summary FILE...")
     p = sub.add_parser("all", parents=common, help="throughput, sustained, trickle and head-of-line in sequence")
     p.add_argument("--requests", type=int, default=20_000, help="for throughput (default 20,000)")
@@ -126,6 +130,7 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, callable]]:
         "head-of-line": lambda b: scenarios.head_of_line(b, getattr(args, "fast", 190), getattr(args, "slow", 10)),
         "drain": lambda b: scenarios.drain(b, args.requests),
         "limits": lambda b: scenarios.limits(b, args.requests, args.backlog, args.rate, args.burst),
+        "faults": lambda b: scenarios.faults(b, args.rate, args.steady_s),
     }
     names = ["throughput", "sustained", "trickle", "head-of-line"] if args.scenario == "all" else [args.scenario]
     return [(name, runs[name]) for name in names]
