@@ -44,6 +44,11 @@ def database_errors(action: str) -> Iterator[None]:
             f"run: pgnet-curl install --dsn ..."
         ) from None
     except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        if (getattr(exc, "sqlstate", None) or "").startswith("54"):
+            # psycopg files class 54 (program limit exceeded) under OperationalError, but no
+            # reconnect helps: the statement is too big (a write-back batch over jsonb's 256 MiB,
+            # say), and a smaller one may pass.
+            raise PgnetCurlError(f"{action}: {db_error_text(exc)}") from None
         raise DatabaseUnavailable(f"{action}: {db_error_text(exc)}") from None
     except psycopg.Error as exc:
         raise PgnetCurlError(f"{action}: {db_error_text(exc)}") from None

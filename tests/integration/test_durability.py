@@ -9,6 +9,7 @@ import pytest
 from helpers import wait_until
 
 from pgnet_curl import db as pgnet_db
+from pgnet_curl.errors import DatabaseUnavailable, PgnetCurlError
 
 
 def record_commit_setting(db) -> None:
@@ -54,3 +55,18 @@ def test_synchronous_commit_flag_makes_worker_commits_wait(db, db_dsn, serve, ht
     record_commit_setting(db)
     serve(db_dsn, "--synchronous-commit", "on")
     assert stored_under(db, http_server) == "on"
+
+
+def test_a_statement_over_a_program_limit_is_no_connection_problem(db_dsn):
+    """Class 54 is an OperationalError to psycopg; reconnecting would retry it forever."""
+    with pgnet_db.connect(db_dsn, "pgnet-curl test") as conn:
+        with pytest.raises(PgnetCurlError) as raised, pgnet_db.database_errors("writing responses"):
+            conn.execute("select concat(" + ", ".join(["1"] * 101) + ")")  # 54023: over 100 arguments
+        assert not isinstance(raised.value, DatabaseUnavailable)
+        assert "SQLSTATE 54023" in str(raised.value)
+    with pgnet_db.connect(db_dsn, "pgnet-curl test") as conn:
+        pid = conn.info.backend_pid
+        with psycopg.connect(db_dsn, autocommit=True) as other:
+            other.execute("select pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(DatabaseUnavailable), pgnet_db.database_errors("claiming requests"):
+            conn.execute("select 1")
