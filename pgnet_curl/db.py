@@ -9,12 +9,13 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from .errors import ConfigError, DatabaseUnavailable, PgnetCurlError, SchemaError
+from .errors import ConfigError, DatabaseUnavailable, PgnetCurlError, SchemaError, WritesRefused
 from .redact import db_error_text
 
 WAKE_CHANNEL = "pgnet_curl_wake"
 CONTROL_CHANNEL = "pgnet_curl_control"
 CONNECT_TIMEOUT_S = 10
+
 # Notice a dead peer or a cut network within about 20 s instead of TCP's minutes: an idle
 # LISTEN connection probes with keepalives; unacknowledged sends give up after the user timeout.
 _TCP_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3, "keepalives_count": 3,
@@ -34,10 +35,14 @@ def database_errors(action: str) -> Iterator[None]:
     """Turn psycopg errors raised while doing `action` into ours.
 
     Ours carry only the primary message and SQLSTATE, and are raised `from None`: psycopg's
-    full text (DETAIL: Failing row contains ...) would print with a traceback.
+    full text (DETAIL: Failing row contains ...) would print with a traceback. A read-only
+    server or a full disk is WritesRefused: a DatabaseUnavailable, so the work is kept and
+    tried again, never answered with an error row.
     """
     try:
         yield
+    except (pg_errors.ReadOnlySqlTransaction, pg_errors.DiskFull) as exc:
+        raise WritesRefused(f"{action}: {db_error_text(exc)}") from None
     except (pg_errors.UndefinedTable, pg_errors.UndefinedFunction, pg_errors.InvalidSchemaName) as exc:
         raise SchemaError(
             f"{action}: the net schema is missing or outdated ({exc.diag.message_primary}); "
