@@ -123,7 +123,7 @@ def test_write_backs_a_read_only_database_refuses_are_kept_and_stored_once_write
                           "where datname = %s and application_name like 'pgnet-curl worker%%'", (dbname,))
             status, body = wait_until(
                 lambda: (r := get(health)) and "refuses writes" in r[1].get("reason", "") and r,
-                timeout_s=15, message="/healthz to say the database refuses writes")
+                timeout_s=8, message="/healthz to say the database refuses writes")
             assert status == 503 and body["unwritten_responses"] == total, body
             assert re.search(r"the database refuses writes \(.*SQLSTATE 25006\): keeping \d+ responses", process.log)
             assert db.execute("select count(*) from net._http_response").fetchone()[0] == 0, \
