@@ -27,8 +27,9 @@ HEALTHY_AFTER_S = 30.0
 # After the drain deadline, workers get this much longer before SIGKILL.
 KILL_MARGIN_S = 5.0
 # /healthz names each database's durability (schema.persistence): read at start, then again in
-# the background when the last read is older than this, so a health check never waits on it.
-DURABILITY_REFRESH_S = 30.0
+# the background when the last read is older than this (the second while one is unknown: no
+# schema yet, or unreachable), so a health check never waits on it.
+DURABILITY_REFRESH_S, DURABILITY_UNKNOWN_REFRESH_S = 30.0, 1.0
 
 
 @dataclass
@@ -153,8 +154,9 @@ class Supervisor:
     def _durability_now(self) -> dict[str, str | None]:
         """Each database's persistence as last read (None: unknown or no schema); start a new read
         in the background when that one is stale."""
+        refresh_s = DURABILITY_UNKNOWN_REFRESH_S if None in self._durability.values() else DURABILITY_REFRESH_S
         with self._durability_lock:
-            stale = not self._durability_reading and time.monotonic() - self._durability_read_s >= DURABILITY_REFRESH_S
+            stale = not self._durability_reading and time.monotonic() - self._durability_read_s >= refresh_s
             self._durability_reading |= stale
         if stale:
             threading.Thread(target=self._read_durability, name="durability", daemon=True).start()
