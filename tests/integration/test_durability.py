@@ -18,6 +18,8 @@ from helpers import wait_until
 
 from pgnet_curl import db as pgnet_db
 from pgnet_curl.errors import DatabaseUnavailable, PgnetCurlError, WritesRefused
+from pgnet_curl.model import Response
+from pgnet_curl.queue import Queue
 
 
 def record_commit_setting(db) -> None:
@@ -78,6 +80,19 @@ def test_a_statement_over_a_program_limit_is_no_connection_problem(db_dsn):
             other.execute("select pg_terminate_backend(%s)", (pid,))
         with pytest.raises(DatabaseUnavailable), pgnet_db.database_errors("claiming requests"):
             conn.execute("select 1")
+
+
+def test_a_write_back_over_jsonb_s_limit_is_a_refused_batch_not_an_outage(db_dsn):
+    """Three answers near the 100 MiB cap pass jsonb's 256 MiB in one write-back (SQLSTATE 54000).
+    As an outage, the worker retried that batch forever and stored none (measured); as a refused
+    batch it writes them one by one (the path test_secrets covers)."""
+    body = "x" * (90 * 1024 * 1024)
+    with pgnet_db.connect(db_dsn, "pgnet-curl test") as conn:
+        with pytest.raises(PgnetCurlError) as raised:
+            Queue(conn, "test-owner").write([Response(request_id, status_code=200, content=body)
+                                             for request_id in (1, 2, 3)])
+    assert not isinstance(raised.value, DatabaseUnavailable)
+    assert "SQLSTATE 54000" in str(raised.value)
 
 
 def test_a_read_only_session_refuses_writes_for_now(db_dsn):

@@ -169,18 +169,6 @@ def test_streamed_body_over_the_cap_ends_early_and_memory_stays_bounded(pg_serve
     assert peak[0] - before < requests * cap_bytes + 32 * 1024 * 1024, (before, peak[0])
 
 
-@pytest.mark.slow
-def test_responses_too_big_for_one_write_back_are_stored_one_by_one(db, db_dsn, serve, http_server):
-    """Three bodies near the 100 MiB cap pass jsonb's 256 MiB in one write-back statement: the
-    database refuses it (SQLSTATE 54000), and the worker writes them one at a time."""
-    serve(db_dsn)
-    body_bytes = 90 * 1024 * 1024
-    ids = [row[0] for row in db.execute("select net.http_get(%s, timeout_milliseconds => 60000) from generate_series(1, 3)",
-                                        (http_server.url_for(f"/large/{body_bytes}"),))]
-    rows = [wait_for_row(db, request_id, "a 90 MiB response") for request_id in ids]
-    assert [(row["status_code"], len(row["content"] or "")) for row in rows] == [(200, body_bytes)] * 3
-
-
 def test_timeout_row_says_where_the_time_went(served_db, http_server):
     row = fetch(served_db, http_server.url_for("/hang"), timeout_ms=300)
     assert row["timed_out"] is True
