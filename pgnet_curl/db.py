@@ -15,7 +15,6 @@ from .redact import db_error_text
 WAKE_CHANNEL = "pgnet_curl_wake"
 CONTROL_CHANNEL = "pgnet_curl_control"
 CONNECT_TIMEOUT_S = 10
-
 # Notice a dead peer or a cut network within about 20 s instead of TCP's minutes: an idle
 # LISTEN connection probes with keepalives; unacknowledged sends give up after the user timeout.
 _TCP_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3, "keepalives_count": 3,
