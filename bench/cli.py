@@ -33,6 +33,8 @@ def _common_options() -> argparse.ArgumentParser:
     group.add_argument("--batch-size", type=int, help="serve --batch-size")
     group.add_argument("--serve-arg", action="append", default=[], metavar="FLAG=VALUE",
                        help="any other serve flag, e.g. write-batch-size=1000 (repeatable)")
+    group.add_argument("--unlogged", action="store_true",
+                       help="install the net tables unlogged, as pg_net's (default: logged, the default install)")
     group.add_argument("--target", choices=["python", "nginx"], default="python",
                        help="HTTP server answering /fast (slow requests always use the Python server)")
     group = common.add_argument_group("measurement")
@@ -91,6 +93,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backlog", type=int, default=20_000, help="requests to the limited host (default 20,000; 0: skip)")
     p.add_argument("--rate", type=float, default=100.0, help="its limit, requests per second (default 100)")
     p.add_argument("--burst", type=float, help="its bucket size (default: the table's, max(1, rate / 10))")
+    p = sub.add_parser("faults", parents=common,
+                       help="a killed worker, a PostgreSQL crash, a dropped network, a killed serve, under load")
+    p.add_argument("--rate", type=float, default=2000.0, help="requests per second offered (default 2,000)")
+    p.add_argument("--steady-s", type=float, default=10.0, help="seconds of load between faults (default 10)")
     sub.add_parser("summary", help="print saved JSON results as markdown tables: summary FILE...")
     sub.add_parser("compare", help="throughput of the working tree against a revision, rounds alternating: "
                                    "compare BASE [options] (see compare --help)")
@@ -116,6 +122,7 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, callable]]:
         "head-of-line": lambda b: scenarios.head_of_line(b, getattr(args, "fast", 190), getattr(args, "slow", 10)),
         "drain": lambda b: scenarios.drain(b, args.requests),
         "limits": lambda b: scenarios.limits(b, args.requests, args.backlog, args.rate, args.burst),
+        "faults": lambda b: scenarios.faults(b, args.rate, args.steady_s),
     }
     names = ["throughput", "sustained", "trickle", "head-of-line"] if args.scenario == "all" else [args.scenario]
     return [(name, runs[name]) for name in names]
@@ -158,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     machine = report.machine_info()
     code = report.code_version(REPO_DIR)
     work_dir = make_work_dir()
-    db = Database(args.dsn, work_dir, statement_timeout_s=max(120.0, 2 * args.stall_timeout_s))
+    db = Database(args.dsn, work_dir, statement_timeout_s=max(120.0, 2 * args.stall_timeout_s),
+                  unlogged=args.unlogged)
     target = make_target(args.target, work_dir)
     bench = None
     results, failures = [], 0
@@ -180,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             result.update({
                 "settings": {"workers": args.workers, **options.serve_flags, "target": args.target,
+                             "tables": "unlogged" if args.unlogged else "logged",
                              "postgres": f"--dsn (server {db.server_version})" if args.dsn
                              else f"embedded {db.server_version}, fsync on"},
                 "machine": {**machine, "busy_before_pct": busy_before_pct},

@@ -16,6 +16,9 @@ TARGETS = {
     "head-of-line": [("last_fast_visible_ms", "<=", 250, "fast responses visible <= 250 ms while slow in flight"),
                      ("fast_all_visible_before_slow", "==", True, "all fast visible before the first slow")],
     "drain": [("worker_rss_flat", "==", True, "RSS per worker flat (< 10 MB growth after 10% drained)")],
+    "faults": [("lost", "==", 0, "no committed request lost"),
+               ("doubled_rows", "==", 0, "exactly one response row per request"),
+               ("problems", "==", 0, "every chaos check holds (bounded duplicates and RSS, all delivered)")],
 }
 # pg_net 0.20.4's worker, on the same kind of machine (given in the brief): 121-209 µs per request.
 PG_NET_CPU_US_PER_REQUEST = 121

@@ -103,11 +103,14 @@ class Database:
     """A scratch database with the net schema: in an embedded cluster, or on the --dsn server."""
 
     def __init__(self, admin_dsn: str | None, work_dir: Path, statement_timeout_s: float = 120.0,
-                 dbname: str | None = None, install: Callable[[str], object] = schema.install):
-        """dbname: the scratch database's name (default: one per bench); install: puts schema net into it."""
+                 dbname: str | None = None, install: Callable[[str], object] | None = None, unlogged: bool = False):
+        """dbname: the scratch database's name (default: one per bench); install: puts schema net into it
+        (default: this checkout's schema.install); unlogged: pg_net's unlogged tables, to measure what
+        logging costs."""
         self.given_dsn = admin_dsn
         self.wanted_dbname = dbname
-        self.install = install
+        self.install = install or (lambda dsn: schema.install(dsn, durable=False if unlogged else None))
+        self.unlogged = unlogged
         # Every statement of the bench is bounded: a stuck database aborts the scenario.
         self.statement_timeout_s = statement_timeout_s
         self.work_dir = work_dir

@@ -6,6 +6,7 @@ runner; a response's visibility time is the start of the first poll that returne
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import time
@@ -582,3 +583,34 @@ def _per_second(times_s: list[float]) -> list[tuple[int, int]]:
         second = int(t - times_s[0])
         buckets[second] = buckets.get(second, 0) + 1
     return sorted(buckets.items())
+
+
+# ---- 7. faults ------------------------------------------------------------------------------------
+
+
+def faults(bench: Bench, rate_per_s: float, steady_s: float) -> dict:
+    """tests/chaos.py's long run: a killed worker, a PostgreSQL crash, a dropped network and a
+    killed serve under a sustained rate; lost, doubled, re-sent and recovery time per fault."""
+    if bench.db.embedded is None:
+        raise BenchError("faults crashes PostgreSQL: it needs the bench's embedded cluster (no --dsn)")
+    sys.path.insert(0, str(HTTP_SERVER_SCRIPT.parent))
+    from chaos import LONG, Chaos
+
+    serve_args = tuple(part for flag, value in bench.options.serve_flags.items()
+                       for part in (f"--{flag.replace('_', '-')}", str(value)))
+    plan = dataclasses.replace(LONG, rate_per_s=rate_per_s, steady_s=steady_s, workers=bench.options.workers,
+                               serve_args=serve_args)
+    bench.db.reset()
+    try:
+        report = Chaos(bench.db.embedded, bench.db.dsn, bench.work_dir, plan,
+                       say=lambda line: print(f"  {line}", file=sys.stderr, flush=True)).run()
+    except (RuntimeError, AssertionError) as exc:  # the run's own failures: a start, a stalled load
+        raise BenchError(f"the chaos run stopped: {exc}") from exc
+    notes = [f"{plan.rate_per_s:g} requests/s (POST, idempotency key) to a loopback receiver answering in "
+             f"{plan.answer_delay_ms} ms, after a burst of {plan.burst_per_worker} per worker; in turn, "
+             f"{plan.steady_s:g} s apart: {', '.join(plan.faults)} (network: {plan.drop_s:g} s of silence). "
+             f"Timeout {plan.timeout_ms} ms, --lease-grace {plan.lease_grace_s:g}. Recovery: from the fault "
+             f"until every request committed before it has a response row. Duplicates are deliveries beyond "
+             f"a request's first, counted against the fault before them.",
+             *report.lines(), *(f"PROBLEM: {problem}" for problem in report.problems())]
+    return make_result("faults", {"rate_per_s": rate_per_s, "steady_s": steady_s}, report.figures(), notes=notes)

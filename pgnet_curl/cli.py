@@ -34,8 +34,9 @@ def cli(log_level: str, log_format: str) -> None:
 @cli.command()
 @dsn_option(required=True)
 @click.option("--durable/--unlogged", default=None,
-              help="Logged tables that survive a crash, or unlogged ones like pg_net's "
-                   "(default: unlogged for a new install, unchanged for an existing one).")
+              help="Logged tables that survive a PostgreSQL crash, or unlogged ones like pg_net's, which "
+                   "crash recovery empties (default: logged for a new install, unchanged for an existing "
+                   "one; converting an existing one rewrites its tables under an exclusive lock).")
 @click.option("--private/--shared", default=None,
               help="Private: only roles granted pgnet_user may make requests, and each role sees only "
                    "its own; shared: pg_net's model (default: shared for a new install, unchanged for "
@@ -66,10 +67,12 @@ def uninstall(dsn: str) -> None:
 
 
 @cli.command()
-@click.option("--durable", is_flag=True, help="Make the tables logged instead of unlogged.")
+@click.option("--durable/--unlogged", default=None,
+              help="Logged tables or unlogged ones like pg_net's (default: logged for a new install, "
+                   "unchanged for an existing one).")
 @click.option("--private/--shared", default=None,
               help="Install the private or the shared privilege mode (default: keep what is installed).")
-def sql(durable: bool, private: bool | None) -> None:
+def sql(durable: bool | None, private: bool | None) -> None:
     """Print the install script, for people who run migrations with their own tools."""
     click.echo(schema.install_script(durable, private), nl=False)
 
@@ -99,7 +102,7 @@ def _serve_options(function):
         ("--drain-timeout", float, "Seconds in-flight requests get on shutdown (default 10)."),
         ("--max-redirects", int, "Redirects followed per request (default 10)."),
         ("--max-attempts", int, "Claims without an answer before an error row (default 5)."),
-        ("--max-response-bytes", int, "Larger bodies end in an error row (default 32 MiB)."),
+        ("--max-response-bytes", int, "Larger bodies end in an error row (default 100 MiB)."),
         ("--max-host-connections", int, "Connections per destination host (default: no limit)."),
         ("--max-retries", int, "Retries of transient failures for requests that name none (default 0)."),
         ("--retry-backoff-ms", int, "Base of the exponential backoff between retries (default 1000)."),
@@ -110,6 +113,9 @@ def _serve_options(function):
         ("--client-cert", str, "PEM client certificate sent to servers that ask for one."),
         ("--client-key", str, "PEM private key of --client-cert (unencrypted; default: in the cert file)."),
         ("--proxy", str, "http:// proxy for every request (default: http_proxy/https_proxy/no_proxy env)."),
+        ("--synchronous-commit", click.Choice(["on", "off"]),
+         "Whether the workers' commits wait for their WAL flush (default off: a PostgreSQL crash may "
+         "make them send the last few hundred ms of requests again, never lose one)."),
     ]
     policy_options = [
         ("--deny-cidr", dict(multiple=True), "Deny connections to this CIDR range (repeatable)."),

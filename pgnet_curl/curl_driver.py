@@ -87,7 +87,7 @@ class CurlDriver:
     """A CurlMulti whose sockets and timer are watched by the caller's event loop."""
 
     def __init__(self, watch_fd: WatchFd, max_redirects: int = 10, max_host_connections: int = 0,
-                 max_total_connections: int = 0, max_response_bytes: int = 32 * 1024 * 1024,
+                 max_total_connections: int = 0, max_response_bytes: int = 100 * 1024 * 1024,
                  ca_file: str | None = None, ca_path: str | None = None, client_cert: str | None = None,
                  client_key: str | None = None, proxy: str | None = None,
                  destination_policy: DestinationPolicy | None = None):

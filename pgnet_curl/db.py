@@ -9,7 +9,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from .errors import ConfigError, DatabaseUnavailable, PgnetCurlError, SchemaError
+from .errors import ConfigError, DatabaseUnavailable, PgnetCurlError, SchemaError, WritesRefused
 from .redact import db_error_text
 
 WAKE_CHANNEL = "pgnet_curl_wake"
@@ -34,16 +34,25 @@ def database_errors(action: str) -> Iterator[None]:
     """Turn psycopg errors raised while doing `action` into ours.
 
     Ours carry only the primary message and SQLSTATE, and are raised `from None`: psycopg's
-    full text (DETAIL: Failing row contains ...) would print with a traceback.
+    full text (DETAIL: Failing row contains ...) would print with a traceback. A read-only
+    server or a full disk is WritesRefused: a DatabaseUnavailable, so the work is kept and
+    tried again, never answered with an error row.
     """
     try:
         yield
+    except (pg_errors.ReadOnlySqlTransaction, pg_errors.DiskFull) as exc:
+        raise WritesRefused(f"{action}: {db_error_text(exc)}") from None
     except (pg_errors.UndefinedTable, pg_errors.UndefinedFunction, pg_errors.InvalidSchemaName) as exc:
         raise SchemaError(
             f"{action}: the net schema is missing or outdated ({exc.diag.message_primary}); "
             f"run: pgnet-curl install --dsn ..."
         ) from None
     except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        if (getattr(exc, "sqlstate", None) or "").startswith("54"):
+            # psycopg files class 54 (program limit exceeded) under OperationalError, but no
+            # reconnect helps: the statement is too big (a write-back batch over jsonb's 256 MiB,
+            # say), and a smaller one may pass.
+            raise PgnetCurlError(f"{action}: {db_error_text(exc)}") from None
         raise DatabaseUnavailable(f"{action}: {db_error_text(exc)}") from None
     except psycopg.Error as exc:
         raise PgnetCurlError(f"{action}: {db_error_text(exc)}") from None
@@ -57,9 +66,18 @@ def parse_dsn(dsn: str) -> dict:
         raise ConfigError(f"the DSN is not a valid connection string: {db_error_text(exc)}") from None
 
 
-def connect(dsn: str, application_name: str, listen: bool = False) -> psycopg.Connection:
-    """Open an autocommit connection named in pg_stat_activity; LISTEN for wakes if asked."""
+def connect(dsn: str, application_name: str, listen: bool = False,
+            synchronous_commit: bool | None = None) -> psycopg.Connection:
+    """Open an autocommit connection named in pg_stat_activity; LISTEN for wakes if asked.
+
+    synchronous_commit: whether a commit waits for its WAL flush. None: off in a worker's
+    session (listen), the server's setting in any other. Off, a crash forgets at most the last
+    3 x wal_writer_delay of a worker's claims and write-backs: those requests are sent again,
+    never lost, as every request is committed by its caller's own session.
+    """
     parse_dsn(dsn)
+    if synchronous_commit is None and listen:
+        synchronous_commit = False
     with database_errors("connecting to the database"):
         conn = psycopg.connect(
             dsn, autocommit=True, application_name=application_name, connect_timeout=CONNECT_TIMEOUT_S,
@@ -68,6 +86,8 @@ def connect(dsn: str, application_name: str, listen: bool = False) -> psycopg.Co
         # Our statements name net.* objects in full; resolving nothing else outside pg_catalog
         # means no role's look-alike function in another schema can run in our session.
         setup = "set search_path = pg_catalog, pg_temp"
+        if synchronous_commit is not None:
+            setup += f"; set synchronous_commit = {'on' if synchronous_commit else 'off'}"
         if listen:
             setup += f"; listen {WAKE_CHANNEL}; listen {CONTROL_CHANNEL}"
         conn.execute(setup)

@@ -19,6 +19,11 @@ class DatabaseUnavailable(PgnetCurlError):
     exit_code = 3
 
 
+class WritesRefused(DatabaseUnavailable):
+    """The database takes no writes for now (read-only after a failover, a full disk): keep the
+    work and try again later, on a new session (a failover moves the writable server)."""
+
+
 class SchemaError(PgnetCurlError):
     """The net schema is missing, outdated or could not be installed."""
 

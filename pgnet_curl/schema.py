@@ -8,6 +8,7 @@ import hmac
 import logging
 import re
 import secrets
+import time
 
 import psycopg
 
@@ -21,8 +22,18 @@ INSTALL_LOCK_KEY = 0x70676E6574
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 log = logging.getLogger("pgnet_curl.install")
 
-# Tables made logged by --durable (unlogged by default, like pg_net's).
+# The tables a PostgreSQL crash must not empty: logged by default, unlogged (pg_net's trade-off:
+# less WAL, emptied by crash recovery) with `install --unlogged`. The queue's mode is the install's.
 TABLES = ("net.http_request_queue", "net._http_response", "net._http_request_archive")
+# relpersistence of the tables -> the mode `status` and /healthz name, and what it means.
+_MODES = {"p": "durable", "u": "unlogged"}
+DURABILITY = {
+    "durable": "logged tables: a PostgreSQL crash loses no request or response",
+    "unlogged": "a PostgreSQL crash empties the queue and the responses, as with pg_net "
+                "(pgnet-curl install --durable makes the tables logged)",
+    "mixed": "some net tables are logged and some not: a crash empties the unlogged ones "
+             "(pgnet-curl install --durable or --unlogged)",
+}
 WAITING_FOR_SCHEMA = "waiting for the net schema: run pgnet-curl install"
 
 
@@ -41,37 +52,54 @@ def latest_version() -> int:
     return migrations()[-1][0]
 
 
-def install_script(durable: bool = False, private: bool | None = None) -> str:
+def install_script(durable: bool | None = None, private: bool | None = None) -> str:
     """Return the whole idempotent install script, as `pgnet-curl sql` prints it.
 
-    private=True installs the private mode, False the shared one, None keeps what an existing
-    install has (shared for a new one); see sql/0004_privileges.sql.
+    durable=True makes the tables logged (converting an unlogged install), False unlogged (pg_net's
+    choice), None creates them logged and leaves an existing install's mode as it is. private=True
+    installs the private mode, False the shared one, None keeps what an existing install has
+    (shared for a new one); see sql/0004_privileges.sql.
     """
+    return "".join(_script_parts(durable, private))
+
+
+def _script_parts(durable: bool | None, private: bool | None) -> tuple[str, str, str]:
+    """The script in three parts: up to the migrations, the tables' persistence, the rest."""
     parts = [f"-- pgnet-curl schema version {latest_version()}\nbegin;\n"]
     parts.append(f"select pg_advisory_xact_lock({INSTALL_LOCK_KEY});\n")
     if private is not None:
         parts.append(f"set local pgnet_curl.private = {'on' if private else 'off'};\n")
     for _, name, text in migrations():
         parts.append(f"\n-- ==== {name} ====\n{text}")
-    parts.append("\n" + _persistence_sql(durable))
     # Last: privileges for every object, whichever file created it (sql/0004_privileges.sql).
-    parts.append("select net._apply_privileges();\n")
     # Delivered at commit: workers waiting for the schema (or serving a dropped one) look now.
-    parts.append(f"\nselect pg_notify('{db.CONTROL_CHANNEL}', 'installed');\n")
-    parts.append("\ncommit;\n")
-    return "".join(parts)
+    tail = (f"select net._apply_privileges();\n"
+            f"\nselect pg_notify('{db.CONTROL_CHANNEL}', 'installed');\n"
+            f"\ncommit;\n")
+    return "".join(parts), "\n" + _persistence_sql(durable), tail
 
 
-def _persistence_sql(durable: bool) -> str:
-    """Make the tables logged or unlogged, taking no lock when they already are."""
-    mode, code = ("logged", "p") if durable else ("unlogged", "u")
+def _persistence_sql(durable: bool | None) -> str:
+    """Make the tables logged or unlogged (None: as the queue is), taking no lock when they already are.
+
+    The files create them logged. None matters on upgrades: a table a newer file creates (the
+    archive, in 0007) follows the mode of the install it joins.
+    """
+    if durable is None:
+        mode = ("(select case relpersistence when 'u' then 'unlogged' else 'logged' end "
+                "from pg_class where oid = 'net.http_request_queue'::regclass)")
+        code = "(select relpersistence from pg_class where oid = 'net.http_request_queue'::regclass)"
+        tables = TABLES[1:]
+    else:
+        mode, code = ("'logged'", "'p'") if durable else ("'unlogged'", "'u'")
+        tables = TABLES
     return "".join(
         f"do $$ begin\n"
-        f"  if (select relpersistence from pg_class where oid = '{table}'::regclass) <> '{code}' then\n"
-        f"    alter table {table} set {mode};\n"
+        f"  if (select relpersistence from pg_class where oid = '{table}'::regclass) <> {code} then\n"
+        f"    execute format('alter table {table} set %s', {mode});\n"
         f"  end if;\n"
         f"end $$;\n"
-        for table in TABLES
+        for table in tables
     )
 
 
@@ -93,15 +121,24 @@ def install(dsn: str, durable: bool | None = None, private: bool | None = None,
     """Apply the schema to the database at dsn; safe to run again. Return the version.
 
     durable=True makes the tables logged (they survive a crash), False unlogged (pg_net's
-    choice), None leaves an existing install as it is (new installs are unlogged). private
-    likewise chooses the privilege mode. worker_role names a login role to create (or keep)
-    as a member of pgnet_worker, for `serve` to connect as.
+    choice), None leaves an existing install as it is (new installs are logged). Converting an
+    existing install rewrites its tables under an exclusive lock: the time it took is logged.
+    private likewise chooses the privilege mode. worker_role names a login role to create (or
+    keep) as a member of pgnet_worker, for `serve` to connect as.
     """
+    head, persistence_sql, tail = _script_parts(durable, private)
     with db.connect(dsn, "pgnet-curl install") as conn:
         try:
-            if durable is None and _installed_version(conn) is not None:
-                durable = _is_logged(conn)
-            conn.execute(install_script(bool(durable), private).encode())
+            before = persistence(conn)
+            conn.execute(head.encode())
+            started_s = time.monotonic()
+            conn.execute(persistence_sql.encode())
+            converted_s = time.monotonic() - started_s
+            after = persistence(conn)
+            conn.execute(tail.encode())
+            if before is not None and after != before:
+                log.info("converted the net tables from %s to %s in %.2f s (ALTER TABLE ... SET %s)", before,
+                         after, converted_s, "LOGGED" if after == "durable" else "UNLOGGED")
             if worker_role:
                 ensure_worker_role(conn, worker_role, worker_password)
             version = _installed_version(conn)
@@ -112,6 +149,20 @@ def install(dsn: str, durable: bool | None = None, private: bool | None = None,
             raise SchemaError(f"could not install the net schema: {db_error_text(exc)}") from None
         _declare_setting_names(conn)
     return version
+
+
+def persistence(conn: psycopg.Connection) -> str | None:
+    """Say how the net tables survive a crash: 'durable' (logged), 'unlogged' (emptied by crash
+    recovery, as pg_net's), 'mixed' (someone altered one); None without the schema."""
+    rows = conn.execute(
+        "select c.relpersistence from unnest(%s::text[]) as t(name) join pg_class c on c.oid = to_regclass(t.name)",
+        (list(TABLES),)).fetchall()
+    kinds = {kind for (kind,) in rows}
+    if not kinds:
+        return None
+    if len(kinds) > 1:
+        return "mixed"
+    return _MODES.get(kinds.pop(), "mixed")
 
 
 def _declare_setting_names(conn: psycopg.Connection) -> None:
@@ -153,13 +204,6 @@ def scram_verifier(password: str, iterations: int = 4096) -> str:
     server_key = hmac.new(salted, b"Server Key", "sha256").digest()
     b64 = lambda raw: base64.b64encode(raw).decode("ascii")  # noqa: E731
     return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
-
-
-def _is_logged(conn: psycopg.Connection) -> bool:
-    row = conn.execute(
-        "select relpersistence = 'p' from pg_class where oid = 'net.http_request_queue'::regclass"
-    ).fetchone()
-    return bool(row and row[0])
 
 
 def uninstall(dsn: str) -> None:

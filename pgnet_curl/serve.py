@@ -73,6 +73,8 @@ def serve(dsns: list[str], data_dir: str | None, install_schema: bool, tuning: d
     from .supervisor import Supervisor  # after prepare(): it imports prometheus_client
 
     values = {_FLAG_TO_SETTING.get(name, name): value for name, value in tuning.items() if value != ()}
+    if values.get("synchronous_commit") is not None:
+        values["synchronous_commit"] = values["synchronous_commit"] == "on"
     embedded = None
     worker_dsns = list(dsns)
     if not dsns:

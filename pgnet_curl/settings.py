@@ -57,8 +57,11 @@ class Settings:
     drain_timeout_s: float = 10.0
     # A request claimed this many times without an answer (its workers died) gets an error row.
     max_attempts: int = 5
-    # Larger response bodies end the transfer with an error row.
-    max_response_bytes: int = 32 * 1024 * 1024
+    # Larger response bodies end the transfer with an error row (pg_net has no cap).
+    max_response_bytes: int = 100 * 1024 * 1024
+    # Whether the workers' commits (claims, write-backs) wait for their WAL flush. Off, a crash
+    # can forget the last few hundred ms of them: those requests are sent again, never lost.
+    synchronous_commit: bool = False
     # Redirects followed per request at most.
     max_redirects: int = 10
     # Connections per destination host at most (0: no limit).

@@ -33,11 +33,13 @@ def collect(dsn: str, minutes: int = 5) -> dict:
             waiting, in_flight, oldest_s = conn.execute(sql["status_queue"]).fetchone()
             outcomes = dict(conn.execute(sql["status_outcomes"], {"minutes": minutes}).fetchall())
             batch_size, ttl = conn.execute(sql["read_settings"]).fetchone()
+            durability = schema.persistence(conn)
     finally:
         conn.close()
     report = {
         "database": dbname,
         "schema_version": version,
+        "durability": durability,
         "queue": {"waiting": waiting, "in_flight": in_flight, "oldest_pending_s": oldest_s},
         "responses": {"minutes": minutes, **{name: outcomes.get(name, 0) for name in OUTCOMES}},
         "workers": _workers(workers),
@@ -80,6 +82,7 @@ def render(report: dict, as_json: bool) -> str:
     lines = [
         report["verdict"],
         f"database   {report['database']} (net schema v{report['schema_version']})",
+        f"durability {report['durability']}: {schema.DURABILITY[report['durability']]}",
         f"queue      {queue['waiting']} waiting, {queue['in_flight']} in flight, oldest {oldest}",
         f"responses  last {responses['minutes']} min: "
         + ", ".join(f"{name} {responses[name]}" for name in OUTCOMES),

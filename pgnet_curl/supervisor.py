@@ -7,6 +7,7 @@ import os
 import secrets
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,10 @@ RESTART_MIN_S, RESTART_MAX_S = 0.5, 30.0
 HEALTHY_AFTER_S = 30.0
 # After the drain deadline, workers get this much longer before SIGKILL.
 KILL_MARGIN_S = 5.0
+# /healthz names each database's durability (schema.persistence): read at start, then again in
+# the background when the last read is older than this (the second while one is unknown: no
+# schema yet, or unreachable), so a health check never waits on it.
+DURABILITY_REFRESH_S, DURABILITY_UNKNOWN_REFRESH_S = 30.0, 1.0
 
 
 @dataclass
@@ -64,6 +69,10 @@ class Supervisor:
         # Workers' lease owner names are hostname:run_id:pid, so a dead child's leases can be named.
         self.run_id = secrets.token_hex(4)
         self.restarts = 0
+        self._durability: dict[str, str | None] = {label: None for label in databases}
+        self._durability_read_s = 0.0
+        self._durability_reading = False
+        self._durability_lock = threading.Lock()
 
     def check_database(self) -> dict[str, int | None]:
         """Fail fast on a bad DSN when serving one database; return {label: schema version}.
@@ -84,10 +93,17 @@ class Supervisor:
                 continue
             try:
                 versions[label] = schema.installed_version(conn)
+                with db.database_errors("reading the net tables' persistence"):
+                    self._durability[label] = schema.persistence(conn)
             finally:
                 conn.close()
             if versions[label] is None:
                 log.warning("database %s: %s", label, schema.WAITING_FOR_SCHEMA)
+            else:
+                mode = self._durability[label]
+                log.log(logging.INFO if mode == "durable" else logging.WARNING, "database %s is %s: %s",
+                        label, mode, schema.DURABILITY.get(mode, "unknown"))
+        self._durability_read_s = time.monotonic()
         return versions
 
     def run(self) -> int:
@@ -121,7 +137,8 @@ class Supervisor:
         alive = len(self._alive())
         connected = ops_server.gauge_sum("pgnet_curl_worker_db_connected")
         waiting = ops_server.gauge_sum("pgnet_curl_worker_waiting_for_schema")
-        details = {"workers": len(self.slots), "alive": alive, "connected": connected}
+        details = {"workers": len(self.slots), "alive": alive, "connected": connected,
+                   "durability": self._durability_now()}
         if waiting:
             details["waiting_for_schema"] = waiting
         if self.stopping:
@@ -133,6 +150,34 @@ class Supervisor:
         if waiting:
             return False, {**details, "reason": schema.WAITING_FOR_SCHEMA}
         return True, details
+
+    def _durability_now(self) -> dict[str, str | None]:
+        """Each database's persistence as last read (None: unknown or no schema); start a new read
+        in the background when that one is stale."""
+        refresh_s = DURABILITY_UNKNOWN_REFRESH_S if None in self._durability.values() else DURABILITY_REFRESH_S
+        with self._durability_lock:
+            stale = not self._durability_reading and time.monotonic() - self._durability_read_s >= refresh_s
+            self._durability_reading |= stale
+        if stale:
+            threading.Thread(target=self._read_durability, name="durability", daemon=True).start()
+        return dict(self._durability)
+
+    def _read_durability(self) -> None:
+        try:
+            for label, settings in self.databases.items():
+                try:
+                    conn = db.connect(settings.dsn, "pgnet-curl supervisor")
+                    try:
+                        with db.database_errors("reading the net tables' persistence"):
+                            self._durability[label] = schema.persistence(conn)
+                    finally:
+                        conn.close()
+                except PgnetCurlError as exc:
+                    log.debug("database %s: could not read its durability (%s); keeping the last known", label, exc)
+        finally:
+            with self._durability_lock:
+                self._durability_reading = False
+                self._durability_read_s = time.monotonic()
 
     def _alive(self) -> list[_Slot]:
         return [slot for slot in self.slots if slot.pid is not None]

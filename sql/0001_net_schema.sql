@@ -34,10 +34,10 @@ begin
 end
 $$;
 
--- Requests waiting to be sent. Unlogged like pg_net's (`pgnet-curl install --durable`
--- makes it logged). The lease columns are ours: a worker owns a row until lease_expires_at,
--- after which any worker may take it again.
-create unlogged table if not exists net.http_request_queue(
+-- Requests waiting to be sent. Logged, so a PostgreSQL crash loses none (pg_net's is unlogged:
+-- `pgnet-curl install --unlogged` makes ours so too). The lease columns are ours: a worker owns
+-- a row until lease_expires_at, after which any worker may take it again.
+create table if not exists net.http_request_queue(
     id bigserial primary key,
     method net.http_method not null,
     url text not null,
@@ -50,8 +50,8 @@ create unlogged table if not exists net.http_request_queue(
     attempts int not null default 0
 );
 
--- One row per finished request.
-create unlogged table if not exists net._http_response(
+-- One row per finished request. Same persistence as the queue (see schema.TABLES).
+create table if not exists net._http_response(
     id bigint,
     status_code integer,
     content_type text,

@@ -28,7 +28,7 @@ comment on column net._http_response.attempts is 'Attempts made, the last one be
 comment on column net._http_response.callback_error is 'The error the request''s SQL callback raised, if any.';
 
 -- Failed requests, whole, for replay. Same persistence as the queue (see schema.TABLES).
-create unlogged table if not exists net._http_request_archive(
+create table if not exists net._http_request_archive(
     id bigint primary key,
     method text not null,
     url text not null,

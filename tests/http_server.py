@@ -24,6 +24,7 @@ Endpoints (the path decides, query parameters modify)::
     /redirect-to?url=U    302 (?status=...) to the arbitrary URL U; X-Hop: to
     /bytes/<n>            n bytes, byte i = i % 256 (?content_type= overrides)
     /large/<n>            n bytes of "x", streamed in 64 KiB chunks
+    /chunked/<n>          n bytes of "x" with no Content-Length (chunked encoding)
     /text?text=T&charset=C
                           T encoded in C (default utf-8), ?content_type= overrides
     /headers?N=v&N=v2     each query pair becomes a response header, in order
@@ -530,6 +531,33 @@ class _Connection(asyncio.BufferedProtocol):
         return self._sized_body(request, "application/octet-stream", length_bytes,
                                 _X_CHUNK)
 
+    def _chunked(self, request: _Request, argument: Optional[str]):
+        """Stream n bytes of 'x' in chunked encoding: the client learns the size only by reading."""
+        length_bytes = _parse_count(argument)
+        if length_bytes is None:
+            self._send(request, 400, b"bad length")
+            return None
+
+        async def respond() -> None:
+            self.transport.write(_response_head(200, [("Content-Type", "application/octet-stream"),
+                                                      ("Transfer-Encoding", "chunked")], request.keep_alive))
+            chunk = b"%x\r\n%s\r\n" % (STREAM_CHUNK_BYTES, _X_CHUNK)
+            remaining = length_bytes
+            chunks_sent = 0
+            while remaining > 0:
+                await self._drain()
+                if chunks_sent % YIELD_EVERY_CHUNKS == 0:
+                    await asyncio.sleep(0)
+                size = min(remaining, STREAM_CHUNK_BYTES)
+                self.transport.write(chunk if size == STREAM_CHUNK_BYTES
+                                     else b"%x\r\n%s\r\n" % (size, _X_CHUNK[:size]))
+                remaining -= size
+                chunks_sent += 1
+            self.transport.write(b"0\r\n\r\n")
+            if not request.keep_alive:
+                self._close()
+        return respond()
+
     def _sized_body(self, request: _Request, content_type: str,
                     length_bytes: int, chunk: bytes):
         """Send small bodies at once and stream anything bigger than a chunk."""
@@ -669,6 +697,7 @@ _ROUTES: dict[str, Handler] = {
     "redirect-to": _Connection._redirect_to,
     "bytes": _Connection._bytes,
     "large": _Connection._large,
+    "chunked": _Connection._chunked,
     "text": _Connection._text,
     "headers": _Connection._headers,
     "empty": _Connection._empty,

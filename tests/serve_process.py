@@ -25,9 +25,11 @@ def connected_workers(dsn: str) -> int:
 
 
 class ServeProcess:
-    """A `pgnet-curl serve` subprocess with its log in a file."""
+    """A `pgnet-curl serve` subprocess with its log in a file; own_group: in a process group of its
+    own, which kill_group() kills at once (supervisor and workers)."""
 
-    def __init__(self, dsn: str | None, *args: str, workers: int = 1, env: dict | None = None):
+    def __init__(self, dsn: str | None, *args: str, workers: int = 1, env: dict | None = None,
+                 own_group: bool = False):
         self.dsn = dsn
         self.workers = workers
         self.log_file = tempfile.NamedTemporaryFile(prefix="serve-", suffix=".log", delete=False)
@@ -37,8 +39,9 @@ class ServeProcess:
             cmd += ["--dsn", dsn]
         self.proc = subprocess.Popen(
             cmd, stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **(env or {})}, start_new_session=own_group,
         )
+        self.own_group = own_group
 
     @property
     def log(self) -> str:
@@ -75,6 +78,15 @@ class ServeProcess:
         except subprocess.TimeoutExpired:
             self.kill()
             raise AssertionError(f"serve did not stop within {timeout_s} s:\n{self.log}")
+
+    def kill_group(self) -> None:
+        """SIGKILL the whole process group at once: no supervisor is left to hand work back."""
+        assert self.own_group, "kill_group() needs ServeProcess(..., own_group=True)"
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

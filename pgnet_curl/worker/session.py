@@ -54,7 +54,8 @@ class Session:
         settings in between, and abandon()s the connection if that fails.
         """
         try:
-            conn = db.connect(self.ctx.settings.dsn, self.application_name, listen=True)
+            conn = db.connect(self.ctx.settings.dsn, self.application_name, listen=True,
+                              synchronous_commit=self.ctx.settings.synchronous_commit)
         except PgnetCurlError as exc:
             self.schedule_reconnect(exc)
             return None

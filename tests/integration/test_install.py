@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import threading
@@ -61,17 +63,64 @@ def test_concurrent_installs_do_not_collide(empty_db_dsn):
     assert failures == []
 
 
-def test_durable_install_makes_tables_logged_and_keeps_that(empty_db_dsn):
-    schema.install(empty_db_dsn, durable=True)
-    schema.install(empty_db_dsn)  # no flag: an existing install keeps its persistence
-    with psycopg.connect(empty_db_dsn) as conn:
-        kinds = dict(conn.execute(
-            "select relname, relpersistence from pg_class where relname in ('http_request_queue', '_http_response')"
-        ).fetchall())
-    assert kinds == {"http_request_queue": "p", "_http_response": "p"}
+def persistence_of(dsn: str) -> dict[str, str]:
+    """relpersistence of each table in schema.TABLES and of the queue's id sequence."""
+    with psycopg.connect(dsn) as conn:
+        return dict(conn.execute(
+            "select t.name, c.relpersistence from unnest(%s::text[]) as t(name) join pg_class c on c.oid = to_regclass(t.name)",
+            ([*schema.TABLES, "net.http_request_queue_id_seq"],)).fetchall())
+
+
+LOGGED = {"net.http_request_queue": "p", "net._http_response": "p", "net._http_request_archive": "p",
+          "net.http_request_queue_id_seq": "p"}
+
+
+def test_new_install_is_logged_and_keeps_its_mode_until_asked(empty_db_dsn):
+    schema.install(empty_db_dsn)
+    assert persistence_of(empty_db_dsn) == LOGGED
     schema.install(empty_db_dsn, durable=False)
+    unlogged = persistence_of(empty_db_dsn)
+    assert {unlogged[table] for table in schema.TABLES} == {"u"}
+    # The sequence follows its table from PostgreSQL 15 on; before, sequences are always logged.
+    # Either way a crash never hands out an id twice: a logged table's sequence is logged.
+    schema.install(empty_db_dsn)  # no flag: an existing install keeps its persistence
+    assert persistence_of(empty_db_dsn) == unlogged
+    schema.install(empty_db_dsn, durable=True)
+    assert persistence_of(empty_db_dsn) == LOGGED
+
+
+def test_unlogged_install_stays_unlogged_through_an_upgrade_that_adds_a_table(empty_db_dsn):
+    """An install from before 0007 gains the archive: it takes the queue's mode, not the file's."""
+    with psycopg.connect(empty_db_dsn, autocommit=True) as conn:
+        for _, _, text in schema.migrations()[:6]:
+            conn.execute(text.encode())
+        conn.execute("alter table net.http_request_queue set unlogged; alter table net._http_response set unlogged")
+    schema.install(empty_db_dsn)
+    assert {persistence_of(empty_db_dsn)[table] for table in schema.TABLES} == {"u"}
+
+
+def test_cli_converts_an_existing_install_and_says_how_long_it_took(empty_db_dsn):
+    assert run_cli("install", "--dsn", empty_db_dsn, "--unlogged").returncode == 0
+    with psycopg.connect(empty_db_dsn, autocommit=True) as conn:
+        conn.execute("select net.http_get('http://127.0.0.1:9/') from generate_series(1, 1000)")
+    result = run_cli("install", "--dsn", empty_db_dsn, "--durable")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"converted the net tables from unlogged to durable in \d+\.\d\d s "
+                     r"\(ALTER TABLE \.\.\. SET LOGGED\)", result.stderr), result.stderr
+    assert persistence_of(empty_db_dsn) == LOGGED
     with psycopg.connect(empty_db_dsn) as conn:
-        assert conn.execute("select relpersistence from pg_class where relname = 'http_request_queue'").fetchone()[0] == "u"
+        assert conn.execute("select count(*) from net.http_request_queue").fetchone()[0] == 1000
+    again = run_cli("install", "--dsn", empty_db_dsn)
+    assert again.returncode == 0 and "converted" not in again.stderr
+
+
+def test_status_names_the_durability(empty_db_dsn):
+    schema.install(empty_db_dsn)
+    report = json.loads(run_cli("status", "--dsn", empty_db_dsn, "--json").stdout)
+    assert report["durability"] == "durable"
+    schema.install(empty_db_dsn, durable=False)
+    text = run_cli("status", "--dsn", empty_db_dsn).stdout
+    assert "durability unlogged: a PostgreSQL crash empties the queue and the responses" in text
 
 
 def test_cli_install_and_uninstall(empty_db_dsn):
@@ -111,6 +160,11 @@ def test_printed_sql_installs_the_same_schema(empty_db_dsn, db_dsn):
         conn.execute(result.stdout.encode())
         conn.execute(result.stdout.encode())  # twice: the script is idempotent
     assert net_objects(empty_db_dsn) == net_objects(db_dsn)
+    assert persistence_of(empty_db_dsn) == LOGGED
+    unlogged = run_cli("sql", "--unlogged")
+    with psycopg.connect(empty_db_dsn, autocommit=True) as conn:
+        conn.execute(unlogged.stdout.encode())
+    assert {persistence_of(empty_db_dsn)[table] for table in schema.TABLES} == {"u"}
 
 
 def test_cli_install_with_bad_dsn_says_so():

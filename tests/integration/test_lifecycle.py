@@ -49,8 +49,9 @@ def test_serve_waits_for_the_schema_and_serves_once_it_is_installed(empty_db_dsn
     port = free_port()
     process = serve(empty_db_dsn, "--metrics-port", str(port), "--metrics-host", "127.0.0.1", workers=2)
     health = f"http://127.0.0.1:{port}/healthz"
+    dbname = psycopg.conninfo.conninfo_to_dict(empty_db_dsn)["dbname"]
     expected = {"status": "unhealthy", "workers": 2, "alive": 2, "connected": 2, "waiting_for_schema": 2,
-                "reason": WAITING}
+                "durability": {dbname: None}, "reason": WAITING}
     wait_until(lambda: (r := get(health)) and r[0] == 503 and json.loads(r[1]) == expected and r,
                message="healthz to report both workers waiting")
     assert status_verdict(empty_db_dsn) == f"DOWN: {WAITING} (2 workers connected and waiting)"
@@ -71,7 +72,8 @@ def test_serve_waits_for_the_schema_and_serves_once_it_is_installed(empty_db_dsn
     print(f"\nfirst answer {took_s * 1000:.0f} ms after the install")
     assert took_s < 1.0
     assert request_id == 1
-    wait_until(lambda: get(health)[0] == 200, message="healthz to turn healthy")
+    wait_until(lambda: (r := get(health)) and r[0] == 200 and json.loads(r[1])["durability"] == {dbname: "durable"},
+               message="healthz to turn healthy, durable")
 
 
 def test_drop_and_reinstall_twenty_times_under_serve(db, db_dsn, serve, http_server):

@@ -109,6 +109,15 @@ def test_healthz_flips_when_the_database_goes_away(db, db_dsn, serve):
     wait_until(lambda: get(health)[0] == 200, timeout_s=20, message="healthy again")
 
 
+def test_healthz_names_each_databases_durability(db, db_dsn, serve):
+    port = free_port()
+    process = serve(db_dsn, "--metrics-port", str(port), "--metrics-host", "127.0.0.1")
+    status, body = wait_until(lambda: (r := get(f"http://127.0.0.1:{port}/healthz")) and r[0] == 200 and r,
+                              message="healthy")
+    assert json.loads(body)["durability"] == {db.info.dbname: "durable"}
+    assert f"database {db.info.dbname} is durable: logged tables" in process.log
+
+
 def run_status(dsn: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pgnet_curl", "status", "--dsn", dsn, *args],
                           capture_output=True, text=True, timeout=60)

@@ -7,11 +7,12 @@ import itertools
 import json
 import os
 import re
+import threading
 
 import psycopg
 import pytest
 
-from helpers import wait_until
+from helpers import rss_bytes, wait_until
 from serve_process import ServeProcess
 
 _names = itertools.count(1)
@@ -129,6 +130,43 @@ def test_body_over_the_cap_is_an_error_row(served_db, http_server):
     assert row["error_msg"] == ("Maximum file size exceeded: the response is larger than the "
                                 "33554432-byte cap (--max-response-bytes)")
     assert row["error_detail"] is None  # curl's buffer only repeats libcurl's text here
+
+
+def test_streamed_body_over_the_cap_ends_early_and_memory_stays_bounded(pg_server, http_server):
+    """No Content-Length to refuse up front: curl counts while receiving and stops at the cap."""
+    cap_bytes, body_bytes, requests = 4 * 1024 * 1024, 256 * 1024 * 1024, 8
+    dsn = pg_server.create_database(dbname := f"pgnet_cap_{os.getpid()}_{next(_names)}")
+    process = ServeProcess(dsn, "--max-response-bytes", str(cap_bytes), workers=1).wait_ready()
+    try:
+        with psycopg.connect(dsn, autocommit=True) as db:
+            fetch(db, http_server.url_for("/chunked/100000"))  # warm: a connection, a handle, a write-back
+            worker = process.worker_pids()[0]
+            before = rss_bytes(worker)
+            peak = [before]
+            done = threading.Event()
+
+            def sample():
+                while not done.wait(0.01):
+                    peak[0] = max(peak[0], rss_bytes(worker) or 0)
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            try:
+                ids = [row[0] for row in db.execute(
+                    "select net.http_get(%s, timeout_milliseconds => 30000) from generate_series(1, %s)",
+                    (http_server.url_for(f"/chunked/{body_bytes}"), requests))]
+                rows = [wait_for_row(db, request_id, "a capped response") for request_id in ids]
+            finally:
+                done.set()
+                sampler.join()
+    finally:
+        process.kill()
+        pg_server.drop_database(dbname)
+    assert {(row["status_code"], row["content"], row["error_msg"]) for row in rows} == {
+        (None, None, f"Maximum file size exceeded: the response is larger than the {cap_bytes}-byte cap "
+                     f"(--max-response-bytes)")}
+    # 2 GiB offered; at most the cap per transfer is ever held.
+    assert peak[0] - before < requests * cap_bytes + 32 * 1024 * 1024, (before, peak[0])
 
 
 def test_timeout_row_says_where_the_time_went(served_db, http_server):

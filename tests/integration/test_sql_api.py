@@ -82,11 +82,13 @@ def test_types_match_pg_net(db):
     assert composite is not None
 
 
-def test_tables_are_unlogged_by_default(db):
+def test_tables_are_logged_by_default(db):
     kinds = db.execute(
-        "select relname, relpersistence from pg_class where relname in ('http_request_queue', '_http_response')"
+        "select relname, relpersistence from pg_class where relnamespace = 'net'::regnamespace "
+        "and relname in ('http_request_queue', '_http_response', '_http_request_archive', 'http_request_queue_id_seq')"
     ).fetchall()
-    assert dict(kinds) == {"http_request_queue": "u", "_http_response": "u"}
+    assert dict(kinds) == {"http_request_queue": "p", "_http_response": "p", "_http_request_archive": "p",
+                           "http_request_queue_id_seq": "p"}
 
 
 def test_request_ids_start_at_one_and_defaults_apply(db):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import select
@@ -17,6 +18,7 @@ from http_server import HttpTestServer
 from pgnet_curl.curl_driver import CurlDriver
 from pgnet_curl.destination_policy import DestinationPolicy
 from pgnet_curl.model import Request
+from pgnet_curl.settings import Settings
 
 EVENTS = {pycurl.POLL_IN: select.POLLIN, pycurl.POLL_OUT: select.POLLOUT,
           pycurl.POLL_INOUT: select.POLLIN | select.POLLOUT}
@@ -185,3 +187,8 @@ def test_default_policy_denies_metadata_addresses_before_connecting():
         "Destination denied by policy: ::ffff:169.254.169.254 is in 169.254.0.0/16 (denied by default; allow with --allow-cidr)",
         "Destination denied by policy: fd00:ec2::254 is in fd00:ec2::254/128 (denied by default; allow with --allow-cidr)",
     ]
+
+
+def test_default_response_cap_is_100_mib_in_serve_and_the_driver():
+    assert Settings().max_response_bytes == 100 * 1024 * 1024
+    assert inspect.signature(CurlDriver).parameters["max_response_bytes"].default == 100 * 1024 * 1024

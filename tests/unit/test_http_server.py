@@ -429,6 +429,20 @@ def test_large_body_streams_with_exact_size(server):
     assert reply.curl.getinfo(pycurl.CONTENT_LENGTH_DOWNLOAD_T) == length_bytes
 
 
+def test_chunked_body_has_no_length_and_exact_size(server):
+    length_bytes = 4 * 1024 * 1024 + 7
+    received = [0, 0]
+
+    def count(data: bytes) -> None:
+        received[0] += len(data)
+        received[1] += data.count(b"x")
+
+    reply = fetch(server.url_for(f"/chunked/{length_bytes}"), timeout_ms=20_000, WRITEFUNCTION=count)
+    assert reply.status == 200
+    assert reply.header("Transfer-Encoding") == "chunked" and reply.header("Content-Length") is None
+    assert received == [length_bytes, length_bytes]
+
+
 def test_large_body_respects_flow_control(server):
     with socket.create_connection((server.host, server.port), timeout=5) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)

@@ -20,8 +20,17 @@ def test_install_script_is_one_locked_transaction():
     assert script.startswith(f"-- pgnet-curl schema version {schema.latest_version()}\nbegin;")
     assert "pg_advisory_xact_lock" in script
     assert script.rstrip().endswith("commit;")
-    assert "set unlogged" in script and "set logged" not in script
-    assert "set logged" in schema.install_script(durable=True)
+
+
+def test_install_script_creates_logged_tables_and_converts_only_when_asked():
+    script = schema.install_script()
+    assert "create unlogged" not in script
+    assert "set %s', 'logged'" not in script and "set %s', 'unlogged'" not in script, \
+        "the default keeps an existing install's mode"
+    for table in schema.TABLES:
+        assert f"create table if not exists {table}(" in script
+        assert f"alter table {table} set %s', 'logged'" in schema.install_script(durable=True)
+        assert f"alter table {table} set %s', 'unlogged'" in schema.install_script(durable=False)
 
 
 def test_both_claims_return_the_same_columns():
