@@ -46,6 +46,13 @@ worker_db_connected = Gauge(
 worker_waiting_for_schema = Gauge(
     "pgnet_curl_worker_waiting_for_schema", "Workers connected but waiting for the net schema to be installed.",
     multiprocess_mode="livesum", labelnames=["database"])
+worker_writes_refused = Gauge(
+    "pgnet_curl_worker_writes_refused", "Workers whose database refuses writes (read-only, disk full): their "
+    "finished responses are kept in memory and written when it accepts them.",
+    multiprocess_mode="livesum", labelnames=["database"])
+unwritten_responses = Gauge(
+    "pgnet_curl_unwritten_responses", "Finished responses kept in memory while the database refuses writes.",
+    multiprocess_mode="livesum", labelnames=["database"])
 worker_restarts_total = Counter(
     "pgnet_curl_worker_restarts_total", "Worker processes restarted after dying.", labelnames=["database"])
 db_reconnects_total = Counter(
@@ -64,6 +71,7 @@ METRIC_NAMES = frozenset({
     "pgnet_curl_end_to_end_seconds", "pgnet_curl_write_batch_duration_seconds", "pgnet_curl_write_batch_size",
     "pgnet_curl_inflight_requests", "pgnet_curl_queue_depth", "pgnet_curl_queue_oldest_pending_seconds",
     "pgnet_curl_workers_alive", "pgnet_curl_worker_db_connected", "pgnet_curl_worker_waiting_for_schema",
+    "pgnet_curl_worker_writes_refused", "pgnet_curl_unwritten_responses",
     "pgnet_curl_worker_restarts_total", "pgnet_curl_db_reconnects_total",
     "pgnet_curl_lease_reclaims_total", "pgnet_curl_lease_lost_total", "pgnet_curl_responses_expired_total",
     "pgnet_curl_retries_scheduled_total",
@@ -127,7 +135,8 @@ class DatabaseMetrics:
         for name in ("http_duration_seconds", "queue_wait_seconds", "end_to_end_seconds",
                      "write_batch_duration_seconds", "write_batch_size", "inflight_requests", "queue_depth",
                      "queue_oldest_pending_seconds", "workers_alive", "worker_db_connected",
-                     "worker_waiting_for_schema", "worker_restarts_total", "db_reconnects_total",
+                     "worker_waiting_for_schema", "worker_writes_refused", "unwritten_responses",
+                     "worker_restarts_total", "db_reconnects_total",
                      "lease_reclaims_total", "lease_lost_total", "retries_scheduled_total",
                      "responses_expired_total"):
             setattr(self, name, globals()[name].labels(database=database))

@@ -145,6 +145,11 @@ class Supervisor:
             return False, {**details, "reason": "shutting down"}
         if alive < len(self.slots):
             return False, {**details, "reason": f"{alive} of {len(self.slots)} workers running"}
+        refused = ops_server.gauge_sum("pgnet_curl_worker_writes_refused")
+        if refused:
+            unwritten = ops_server.gauge_sum("pgnet_curl_unwritten_responses")
+            return False, {**details, "unwritten_responses": unwritten,
+                           "reason": f"the database refuses writes: {unwritten} responses kept in memory, retrying"}
         if connected < alive:
             return False, {**details, "reason": f"{connected} of {alive} workers connected to the database"}
         if waiting:

@@ -7,7 +7,7 @@ import logging
 import time
 
 from ..curl_driver import CurlDriver
-from ..errors import DatabaseUnavailable, PgnetCurlError
+from ..errors import DatabaseUnavailable, PgnetCurlError, WritesRefused
 from ..schema import WAITING_FOR_SCHEMA
 from .claimer import Claimer
 from .context import WorkerContext
@@ -53,7 +53,11 @@ class Lifecycle:
 
         An error from a dropped or reinstalled schema (a missing table, "cached plan must not
         change result type") is no connection problem: when the check agrees, follow the schema.
+        A database that refuses writes keeps the finished responses here until it takes them.
         """
+        if isinstance(exc, WritesRefused) and self.session.connected:
+            self.session.refused(exc, len(self.writeback.pending))
+            return
         if not isinstance(exc, DatabaseUnavailable) and self.session.connected and self.session.serving:
             try:
                 queue_oid = self.housekeeping.check()
@@ -95,6 +99,7 @@ class Lifecycle:
     def flush(self, everything: bool) -> None:
         """Write pending responses; tell the claimer what that freed and put back."""
         written, retry_delays_ms = self.writeback.flush(self.session.queue, everything)
+        self.session.writes_accepted(written)
         self.claimer.after_write(written, retry_delays_ms, time.monotonic())
 
     def restart(self) -> None:

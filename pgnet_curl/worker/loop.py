@@ -162,12 +162,12 @@ class Worker:
             self.outcome.after_finish(finished)
             self.writeback.add(finished, now)
             self._count_finished(finished)
+        if self.ctx.tally.pending and now >= self._next_metrics_flush_s:
+            self._publish_metrics(now)
         if not self.session.connected:
             if now >= self.session.reconnect_at_s:
                 self.lifecycle.connect()
             return
-        if self.ctx.tally.pending and now >= self._next_metrics_flush_s:
-            self._publish_metrics(now)
         if not self.session.serving:
             self._periodic(now)
             return
@@ -223,6 +223,7 @@ class Worker:
             return
         if requests is None:
             return
+        self.session.writes_accepted(0)
         if requests and requests[0].queue_oid != self.session.queue_oid:
             # Claimed from a reinstalled schema before its check or NOTIFY was seen: what is in
             # flight now belongs to the dropped tables; these requests do not.
@@ -261,4 +262,6 @@ class Worker:
     def _publish_metrics(self, now: float) -> None:
         self.ctx.tally.flush()
         self.ctx.metrics.inflight_requests.set(self.driver.inflight)
+        if self.session.refused_since_s is not None:
+            self.ctx.metrics.unwritten_responses.set(len(self.writeback.pending))
         self._next_metrics_flush_s = now + METRICS_FLUSH_INTERVAL_S

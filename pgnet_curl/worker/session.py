@@ -19,6 +19,8 @@ from .poller import DB, Poller
 log = logging.getLogger("pgnet_curl.worker")
 
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.1, 10.0
+# While the database refuses writes, say so at most this often.
+_REFUSAL_LOG_INTERVAL_S = 30.0
 
 
 class Session:
@@ -37,6 +39,10 @@ class Session:
         # The queue table's oid while the schema is served; None while waiting for it. A new oid
         # means a drop and reinstall: the requests in flight belong to a table that is gone.
         self.queue_oid: int | None = None
+        # Since when the database refuses writes (None: it takes them); the backoff then grows
+        # until a write succeeds, not until a connect does (a read-only server takes connects).
+        self.refused_since_s: float | None = None
+        self._refusal_logged_s = 0.0
 
     @property
     def connected(self) -> bool:
@@ -74,6 +80,8 @@ class Session:
         self._fd = conn.fileno()
         self._poller.watch(self._fd, select.POLLIN, DB)
         self.ctx.metrics.worker_db_connected.set(1)
+        if self.refused_since_s is not None:
+            return
         if self._reconnect_delay_s > RECONNECT_MIN_S or self.ctx.stats["reconnects"]:
             log.info("worker %d reconnected to the database", self.ctx.index)
         self._reconnect_delay_s = RECONNECT_MIN_S
@@ -113,10 +121,42 @@ class Session:
                 wakeups.limits = True
 
     def schedule_reconnect(self, exc: PgnetCurlError) -> None:
+        log.warning("worker %d: %s; retrying in %.1f s", self.ctx.index, exc, self._next_attempt())
+
+    def _next_attempt(self) -> float:
+        """Schedule the next connect after a growing, jittered delay; return that delay."""
         delay_s = self._reconnect_delay_s * random.uniform(0.8, 1.2)
-        log.warning("worker %d: %s; retrying in %.1f s", self.ctx.index, exc, delay_s)
         self.reconnect_at_s = time.monotonic() + delay_s
         self._reconnect_delay_s = min(self._reconnect_delay_s * 2, RECONNECT_MAX_S)
+        return delay_s
+
+    def refused(self, exc: PgnetCurlError, unwritten: int) -> None:
+        """The database refuses writes: drop this session (a failover moves the writable server;
+        this one stays read-only) and try a new one later. The caller keeps its responses."""
+        now = time.monotonic()
+        first = self.refused_since_s is None
+        if first:
+            self.refused_since_s = now
+        self.ctx.metrics.worker_writes_refused.set(1)
+        self.ctx.metrics.unwritten_responses.set(unwritten)
+        self.ctx.stats["reconnects"] += 1
+        self.close()
+        delay_s = self._next_attempt()
+        if first or now - self._refusal_logged_s >= _REFUSAL_LOG_INTERVAL_S:
+            self._refusal_logged_s = now
+            log.warning("worker %d: the database refuses writes (%s): keeping %d responses, retrying in %.1f s",
+                        self.ctx.index, exc, unwritten, delay_s)
+
+    def writes_accepted(self, stored: int) -> None:
+        """A write went through: leave the refused state, if in it."""
+        if self.refused_since_s is None:
+            return
+        log.info("worker %d: the database accepts writes again: stored %d responses kept for %.1f s",
+                 self.ctx.index, stored, time.monotonic() - self.refused_since_s)
+        self.refused_since_s = None
+        self._reconnect_delay_s = RECONNECT_MIN_S
+        self.ctx.metrics.worker_writes_refused.set(0)
+        self.ctx.metrics.unwritten_responses.set(0)
 
     def lost(self, exc: PgnetCurlError) -> None:
         """Drop a broken connection and reconnect later; in-flight transfers carry on meanwhile."""

@@ -112,7 +112,6 @@ def get(url: str) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-@pytest.mark.xfail(strict=True, reason="write-back retry: worker part pending")
 def test_write_backs_a_read_only_database_refuses_are_kept_and_stored_once_writes_return(
         db, db_dsn, pg_server, serve, http_server):
     """A failover leaves the workers on a read-only server (or a disk fills up): answers are kept
@@ -134,11 +133,13 @@ def test_write_backs_a_read_only_database_refuses_are_kept_and_stored_once_write
             # Their new sessions are read-only: as after a failover onto a standby.
             admin.execute("select pg_terminate_backend(pid) from pg_stat_activity "
                           "where datname = %s and application_name like 'pgnet-curl worker%%'", (dbname,))
+            # The claims are refused first, then each answer as it comes (after 1.5 s): all kept.
             status, body = wait_until(
-                lambda: (r := get(health)) and "refuses writes" in r[1].get("reason", "") and r,
-                timeout_s=8, message="/healthz to say the database refuses writes")
-            assert status == 503 and body["unwritten_responses"] == total, body
-            assert re.search(r"the database refuses writes \(.*SQLSTATE 25006\): keeping \d+ responses", process.log)
+                lambda: (r := get(health)) and "refuses writes" in r[1].get("reason", "")
+                and r[1].get("unwritten_responses") == total and r,
+                timeout_s=15, message=f"/healthz to say the database refuses writes, {total} responses kept")
+            assert status == 503, body
+            assert re.search(r"the database refuses writes \(.*SQLSTATE 25006\)\): keeping \d+ responses", process.log)
             assert db.execute("select count(*) from net._http_response").fetchone()[0] == 0, \
                 "no answer stored, and none replaced by an error row"
         finally:
