@@ -121,6 +121,9 @@ class CurlDriver:
     def inflight(self) -> int:
         return len(self._transfers)
 
+    def inflight_ids(self) -> list[int]:
+        return [transfer.request.id for transfer in self._transfers.values()]
+
     def add(self, request: Request) -> None:
         """Start sending a request; its Response comes out of take_finished()."""
         handle = self._idle_handles.pop() if self._idle_handles else self._new_handle()

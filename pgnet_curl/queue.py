@@ -122,8 +122,12 @@ class Queue:
 
     def release_all(self) -> int:
         """Give back every request leased to this owner (a dead worker's, named by its supervisor)."""
-        with database_errors("releasing a dead worker's requests"):
-            return self.conn.execute(self._sql["release_all"], {"owner": self.owner}).rowcount
+        return self.release_unheld([])
+
+    def release_unheld(self, held: list[int]) -> int:
+        """Give back the requests leased to this owner but not in held (those it lost track of)."""
+        with database_errors("releasing requests"):
+            return self.conn.execute(self._sql["release_unheld"], {"owner": self.owner, "held": held}).rowcount
 
     def ask_for_help(self) -> None:
         with database_errors("waking the other workers"):

@@ -164,14 +164,17 @@ update net.http_request_queue
 set lease_owner = null, lease_expires_at = null, attempts = greatest(attempts - 1, 0)
 where id = any(%(ids)s::bigint[]) and lease_owner = %(owner)s;
 
--- name: release_all
--- Give back every request a dead worker held (the supervisor names it). Its attempt counts.
+-- name: release_unheld
+-- Give back every request leased to this owner but %(held)s: a dead worker's (the supervisor
+-- names it, holding none), or, when a worker reconnects, those it no longer knows of (a claim
+-- whose answer the connection lost, a write-back a crash undid), so they are sent again now
+-- rather than when their lease expires. Their attempt counts.
 with unleased as (
-    delete from net._destination_leases where owner = %(owner)s
+    delete from net._destination_leases where owner = %(owner)s and id <> all(%(held)s::bigint[])
 )
 update net.http_request_queue
 set lease_owner = null, lease_expires_at = null
-where lease_owner = %(owner)s;
+where lease_owner = %(owner)s and id <> all(%(held)s::bigint[]);
 
 -- name: ask_for_help
 -- Wake every worker of this database: this one has more work than it can take.

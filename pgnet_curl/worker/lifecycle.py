@@ -47,6 +47,22 @@ class Lifecycle:
         self.housekeeping.schedule_check(time.monotonic())
         self.follow_schema(queue_oid, fresh_session=True)
         self.housekeeping.write_flag_limits()
+        self._release_unheld()
+
+    def _release_unheld(self) -> None:
+        """On a new session, give back what is leased to us but neither in flight nor answered: a
+        claim whose reply the old connection lost, a write-back a crash undid (synchronous_commit
+        is off). Otherwise each waits for its lease to expire."""
+        if not (self.session.connected and self.session.serving) or self.ctx.stats["reconnects"] == 0:
+            return
+        held = self.driver.inflight_ids() + [response.id for response in self.writeback.pending]
+        try:
+            released = self.session.queue.release_unheld(held)
+        except PgnetCurlError as exc:
+            self.on_db_error(exc)
+            return
+        if released:
+            log.info("worker %d released %d requests the lost session had leased to it", self.ctx.index, released)
 
     def on_db_error(self, exc: PgnetCurlError) -> None:
         """Drop the connection and reconnect later; in-flight transfers carry on meanwhile.

@@ -273,3 +273,28 @@ def test_big_backlog_with_pg_net_crash_batch_size(db_dsn, serve, target):
     assert "was killed" not in process.log and "crashed" not in process.log
     assert max_fds <= max_inflight + 64, max_fds
     assert max_rss_kb < 300 * 1024, f"worker RSS {max_rss_kb} kB"
+
+
+def test_a_reconnecting_worker_gives_back_what_it_lost_track_of(db, db_dsn, serve, http_server):
+    """A claim whose reply the connection lost, or a write-back a crash undid, leaves rows leased
+    to a live worker that knows nothing of them: after its reconnect they go at once, not at
+    lease expiry, and what it still has in flight is not given away."""
+    serve(db_dsn)
+    token = os.urandom(4).hex()
+    slow = db.execute("select net.http_get(%s, timeout_milliseconds => 60000)",
+                      (http_server.url_for(f"/delay/2000?t={token}"),)).fetchone()[0]
+    owner = wait_until(lambda: db.execute("select lease_owner from net.http_request_queue where id = %s",
+                                          (slow,)).fetchone()[0], message="the slow request leased")
+    lost = db.execute("""insert into net.http_request_queue(method, url, headers, timeout_milliseconds,
+                                                            lease_owner, lease_expires_at, attempts)
+                         values ('GET', %s, '{}', 5000, %s, now() + interval '1 hour', 1) returning id""",
+                      (http_server.url_for("/echo"), owner)).fetchone()[0]
+    db.execute("select pg_terminate_backend(pid) from pg_stat_activity "
+               "where datname = current_database() and application_name like 'pgnet-curl worker%'")
+    answered = lambda request_id: db.execute(  # noqa: E731
+        "select status_code from net._http_response where id = %s", (request_id,)).fetchone()
+    assert wait_until(lambda: answered(lost), timeout_s=10, message="the lost request answered") == (200,)
+    assert wait_until(lambda: answered(slow), timeout_s=10, message="the slow request answered") == (200,)
+    assert sum(1 for entry in http_server.requests if token in entry.get("query", "")) == 1, \
+        "the request in flight was not given away and sent again"
+    assert db.execute("select count(*) from net.http_request_queue").fetchone()[0] == 0
