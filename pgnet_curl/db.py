@@ -67,7 +67,8 @@ def parse_dsn(dsn: str) -> dict:
 
 
 def connect(dsn: str, application_name: str, listen: bool = False,
-            synchronous_commit: bool | None = None) -> psycopg.Connection:
+            synchronous_commit: bool | None = None,
+            connection_class: type[psycopg.Connection] = psycopg.Connection) -> psycopg.Connection:
     """Open an autocommit connection named in pg_stat_activity; LISTEN for wakes if asked.
 
     synchronous_commit: whether a commit waits for its WAL flush. None: off in a worker's
@@ -79,7 +80,7 @@ def connect(dsn: str, application_name: str, listen: bool = False,
     if synchronous_commit is None and listen:
         synchronous_commit = False
     with database_errors("connecting to the database"):
-        conn = psycopg.connect(
+        conn = connection_class.connect(
             dsn, autocommit=True, application_name=application_name, connect_timeout=CONNECT_TIMEOUT_S,
             **_TCP_OPTIONS,
         )

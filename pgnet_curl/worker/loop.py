@@ -51,7 +51,7 @@ class Worker:
                                  proxy=settings.proxy,
                                  destination_policy=DestinationPolicy(
                                      settings.deny_cidrs, settings.allow_cidrs, settings.deny_private))
-        self.session = Session(ctx, self.poller)
+        self.session = Session(ctx, self.poller, self._run_transfers_while_waiting)
         self.claimer = Claimer(ctx, self.driver)
         self.outcome = Outcome(ctx)
         self.writeback = WriteBack(ctx)
@@ -176,6 +176,38 @@ class Worker:
             if not self.session.connected:
                 return
             stage(now)
+
+    def _run_transfers_while_waiting(self, fd: int, events: int, timeout_s: float) -> int:
+        """A statement waits for the database (dbwait.py): move the transfers on meanwhile, for up
+        to timeout_s; return fd's poll events as soon as it is ready (0 if it was not)."""
+        poller, driver = self.poller, self.driver
+        kind_before = poller.kinds.get(fd)
+        poller.watch(fd, events, DB)
+        deadline_s = time.monotonic() + timeout_s
+        try:
+            while True:
+                now = time.monotonic()
+                wait_s = deadline_s - now
+                if driver.timer_deadline_s is not None:
+                    wait_s = min(wait_s, driver.timer_deadline_s - now)
+                fd_events = 0
+                for ready_fd, mask in poller.poll(max(0.0, wait_s)):
+                    kind = poller.kinds.get(ready_fd)
+                    if ready_fd == fd:
+                        fd_events = mask
+                    elif kind is CURL:
+                        driver.socket_event(ready_fd, bool(mask & READABLE), bool(mask & WRITABLE))
+                    elif kind is SIGNAL:
+                        self._drain_signal_socket()
+                if driver.timer_deadline_s is not None and time.monotonic() >= driver.timer_deadline_s:
+                    driver.timer_event()
+                if fd_events or time.monotonic() >= deadline_s:
+                    return fd_events
+        finally:
+            if kind_before is None:
+                poller.unwatch(fd)
+            else:
+                poller.watch(fd, select.POLLIN, kind_before)
 
     def _poll_timeout_s(self) -> float:
         now = time.monotonic()

@@ -14,6 +14,7 @@ from ..errors import DatabaseUnavailable, PgnetCurlError
 from ..queue import Queue
 from ..redact import db_error_text
 from .context import WorkerContext
+from .dbwait import Service, ServicedConnection
 from .poller import DB, Poller
 
 log = logging.getLogger("pgnet_curl.worker")
@@ -26,9 +27,11 @@ _REFUSAL_LOG_INTERVAL_S = 30.0
 class Session:
     """One LISTENing connection at a time; when it breaks, the next is tried after a growing delay."""
 
-    def __init__(self, ctx: WorkerContext, poller: Poller):
+    def __init__(self, ctx: WorkerContext, poller: Poller, service: Service | None = None):
         self.ctx = ctx
         self._poller = poller
+        # While a statement waits for the server, this keeps the transfers moving (dbwait.py).
+        self._service = service
         self.application_name = f"pgnet-curl worker {ctx.index}"
         self.conn: psycopg.Connection | None = None
         self.queue: Queue | None = None
@@ -61,10 +64,12 @@ class Session:
         """
         try:
             conn = db.connect(self.ctx.settings.dsn, self.application_name, listen=True,
-                              synchronous_commit=self.ctx.settings.synchronous_commit)
+                              synchronous_commit=self.ctx.settings.synchronous_commit,
+                              connection_class=ServicedConnection)
         except PgnetCurlError as exc:
             self.schedule_reconnect(exc)
             return None
+        conn.service = self._service
         return Queue(conn, self.ctx.owner)
 
     def abandon(self, queue: Queue, exc: PgnetCurlError) -> None:

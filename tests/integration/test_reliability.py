@@ -159,7 +159,6 @@ def test_network_drop_between_worker_and_database(db_dsn, serve, target):
         proxy.close()
 
 
-@pytest.mark.xfail(strict=True, reason="worker: its database statements block the event loop (database session part pending)")
 def test_a_silent_database_connection_does_not_stall_transfers(db_dsn, serve, http_server):
     """Packets dropped for 4 s between a worker and PostgreSQL: the answers, in 1.5 s, must not
     wait for the database and time out after 3 s (measured: every one a timeout row). Within
