@@ -62,6 +62,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="on the head side only, a feature set up for other requests (a limit row for another "
                              "host, a signing key, 1 %% of requests with a SQL callback): with BASE = --head = the "
                              "same revision, what the feature costs the requests that do not use it")
+    parser.add_argument("--head-delivery", choices=sorted(context.ENQUEUE_SQL), default="plain",
+                        help="on the head side only, how requests are made: net.http_request with max_retries, a "
+                             "notify_channel or a signing key instead of net.http_get: with BASE = --head = the same "
+                             "revision, what that option costs the requests that use it")
     parser.add_argument("--json", type=Path, help="default: bench/results/compare-<time>.json")
     args = parser.parse_args(argv)
     for name in ("rounds", "requests", "workers"):
@@ -124,7 +128,9 @@ def markdown(result: dict) -> str:
         f"until all responses are visible; rounds alternating base, head, {settings['rounds']} per side; "
         f"`serve --workers {settings['workers']}{' ' + flags if flags else ''}`; {settings['postgres']}; "
         f"{settings['cores']} cores; {result['started_at']}."
-        + (f" Head side with `{settings['head_alongside']}` alongside." if settings.get("head_alongside") else ""), "",
+        + (f" Head side with `{settings['head_alongside']}` alongside." if settings.get("head_alongside") else "")
+        + (f" Head side's requests: `--delivery {settings['head_delivery']}`."
+           if settings.get("head_delivery", "plain") != "plain" else ""), "",
         "| figure | base | head | head / base |", "|---|---:|---:|---:|",
     ]
     for label, key, decimals in FIGURES:
@@ -183,7 +189,8 @@ def main(argv: list[str]) -> None:
             db.start()
             admin_dsn = db.admin_dsn
         target.start()
-        side_options = {"base": options, "head": dataclasses.replace(options, alongside=args.head_alongside)}
+        side_options = {"base": options, "head": dataclasses.replace(options, alongside=args.head_alongside,
+                                                                     delivery=args.head_delivery)}
         benches = {name: context.Bench(side_options[name], db, target, work_dir, f"{stamp}-{name}",
                                        serve_python=side.python, serve_cwd=side.cwd)
                    for db, (name, side) in zip(databases, sides.items())}
@@ -208,7 +215,7 @@ def main(argv: list[str]) -> None:
     result = {
         "scenario": "compare", "command": "python -m bench compare " + " ".join(argv), "started_at": started_at,
         "settings": {"requests": args.requests, "rounds": args.rounds, "workers": args.workers,
-                     "head_alongside": args.head_alongside,
+                     "head_alongside": args.head_alongside, "head_delivery": args.head_delivery,
                      "wait_quiet_s": args.wait_quiet,
                      "target": args.target, "serve_flags": options.serve_flags, "cores": os.cpu_count(),
                      "postgres": f"--dsn (server {databases[0].server_version})" if args.dsn
