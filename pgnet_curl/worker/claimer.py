@@ -69,6 +69,9 @@ class Claimer:
             self.ask_for_help(queue, now)
             return None
         limit = min(ctx.settings.batch_size, self.free_slots())
+        # The wake is taken now: one that arrives during the statement (whose snapshot may
+        # predate the row it announces) asks for the next claim.
+        ctx.wakeups.claim = False
         requests = queue.claim(limit, ctx.settings.lease_grace_s, limited=self.limits_active)
         if self.limits_active and len(requests) < limit:
             due_s = queue.limits_due_s()
@@ -87,7 +90,7 @@ class Claimer:
     def share_load(self, queue: Queue, now: float) -> None:
         """After the claimed requests went to curl: a full batch means more are probably waiting,
         so claim again as slots free up; a busy worker wakes the others to share the load."""
-        self.ctx.wakeups.claim = self._full
+        self.ctx.wakeups.claim |= self._full
         if self._full or self.driver.inflight >= self.ctx.settings.max_inflight // 2:
             self.ask_for_help(queue, now)
 
