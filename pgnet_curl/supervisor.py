@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from prometheus_client import multiprocess
 
 from . import db, metrics, ops_server, schema
-from .errors import PgnetCurlError
+from .errors import DatabaseUnavailable, PgnetCurlError
 from .queue import Queue
 from .settings import Settings
 
@@ -82,12 +82,20 @@ class Supervisor:
                 log.warning("database %s: %s; serving the others meanwhile", label, exc)
                 versions[label] = None
                 continue
+            unreadable = ""
             try:
                 versions[label] = schema.installed_version(conn)
+            except DatabaseUnavailable:
+                raise
+            except PgnetCurlError as exc:
+                # A schema net this role may not read (an empty one, another extension's) is
+                # not ours: the workers wait for `pgnet-curl install` as without one.
+                versions[label] = None
+                unreadable = f" (schema net here is not one this role can read: {exc})"
             finally:
                 conn.close()
             if versions[label] is None:
-                log.warning("database %s: %s", label, schema.WAITING_FOR_SCHEMA)
+                log.warning("database %s: %s%s", label, schema.WAITING_FOR_SCHEMA, unreadable)
         return versions
 
     def run(self) -> int:

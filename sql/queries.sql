@@ -161,7 +161,10 @@ select current_setting('pg_net.batch_size', true), current_setting('pg_net.ttl',
 -- Run by each worker every half second (settings_refresh_s):
 -- the queue table's oid (NULL while the net schema is missing, a new one after a drop and
 -- reinstall) and pg_net's settings as this session sees them after any pg_reload_conf().
-select to_regclass('net.http_request_queue')::oid,
+-- A schema net this role may not use (an empty one, another extension's) counts as missing:
+-- to_regclass() would raise "permission denied for schema net".
+select (select case when has_schema_privilege(n.oid, 'usage') then to_regclass('net.http_request_queue')::oid end
+        from pg_namespace n where n.nspname = 'net'),
        current_setting('pg_net.batch_size', true), current_setting('pg_net.ttl', true);
 
 -- name: delete_expired

@@ -7,7 +7,7 @@ import logging
 from typing import Callable
 
 from .. import schema
-from ..errors import PgnetCurlError, SchemaError
+from ..errors import DatabaseUnavailable, PgnetCurlError, SchemaError
 from ..queue import Queue
 from .claimer import Claimer
 from .context import WorkerContext
@@ -42,6 +42,8 @@ class Housekeeping:
         self.next_poll_s = self.next_check_s = self.next_ttl_sweep_s = self._next_keys_s = 0.0
         # The outdated schema version last reported, so that it is reported once.
         self._outdated_seen: int | None = None
+        # A schema net this worker cannot read (not pgnet-curl's) was reported.
+        self._unreadable_seen = False
         self._limits_written_oid: int | None = None
 
     def start(self, now: float) -> None:
@@ -87,6 +89,16 @@ class Housekeeping:
             installed = schema.installed_version(queue.conn)
         except SchemaError:
             return None  # dropped again since the check: wait for the next install
+        except DatabaseUnavailable:
+            raise
+        except PgnetCurlError as exc:
+            # Tables of that name this role may not read (another extension's): not ours, wait.
+            if not self._unreadable_seen:
+                self._unreadable_seen = True
+                log.warning("worker %d: schema net is not a pgnet-curl install this role can read (%s); waiting",
+                            self.ctx.index, exc)
+            return None
+        self._unreadable_seen = False
         if installed is not None and installed >= _SCHEMA_VERSION:
             self._outdated_seen = None
             return queue_oid

@@ -1,0 +1,46 @@
+"""pg_net's worker behaviours that code and monitoring written for pg_net rely on (issue 17), run
+against `pgnet-curl serve` as such code runs them."""
+
+from __future__ import annotations
+
+import time
+
+from helpers import wait_until
+from test_lifecycle import WAITING
+from test_worker import wait_for_row
+
+from pgnet_curl import schema
+
+WORKERS = "application_name like 'pgnet-curl worker%%'"
+
+
+def worker_pids(conn) -> set[int]:
+    return {pid for (pid,) in conn.execute(
+        f"select pid from pg_stat_activity where datname = current_database() and {WORKERS}").fetchall()}
+
+
+def wait_new_workers(conn, old: set[int], count: int = 2, timeout_s: float = 15) -> set[int]:
+    """Wait until `count` worker sessions are connected here, none of them one of `old`."""
+    return wait_until(lambda: (pids := worker_pids(conn)) and len(pids) == count and not pids & old and pids,
+                      timeout_s, interval_s=0.02, message=f"{count} new worker sessions")
+
+
+# ---- 6. a net schema that is not ours ------------------------------------------------------
+
+def test_a_net_schema_without_our_tables_keeps_one_quiet_session(db, db_dsn, worker_dsn, serve, http_server):
+    process = serve(worker_dsn, workers=2)
+    db.execute("drop schema net cascade")
+    db.execute("create schema net")  # empty, and the worker's role may not even use it
+    wait_until(lambda: WAITING in process.log, message="the waiting line")
+    before = worker_pids(db)
+    db.execute(f"select pg_terminate_backend(pid) from pg_stat_activity where datname = current_database() and {WORKERS}")
+    pids = wait_new_workers(db, before)
+    # Not synchronisation: the sessions must stay the same while nothing changes.
+    stable_until_s = time.monotonic() + 2.5
+    while time.monotonic() < stable_until_s:
+        assert worker_pids(db) == pids, process.log
+        time.sleep(0.1)
+    assert process.log.count(WAITING) == 1 and "permission denied" not in process.log, process.log
+    schema.install(db_dsn)
+    request_id = db.execute("select net.http_get(%s)", (http_server.url_for("/echo"),)).fetchone()[0]
+    assert wait_for_row(db, request_id)["status_code"] == 200
