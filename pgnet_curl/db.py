@@ -44,7 +44,7 @@ def database_errors(action: str) -> Iterator[None]:
             f"run: pgnet-curl install --dsn ..."
         ) from None
     except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-        raise DatabaseUnavailable(f"{action}: {db_error_text(exc)}") from None
+        raise DatabaseUnavailable(f"{action}: {db_error_text(exc)}", sqlstate=exc.sqlstate) from None
     except psycopg.Error as exc:
         raise PgnetCurlError(f"{action}: {db_error_text(exc)}") from None
 

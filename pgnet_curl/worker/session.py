@@ -19,6 +19,10 @@ from .poller import DB, Poller
 log = logging.getLogger("pgnet_curl.worker")
 
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.1, 10.0
+# A session ended by pg_terminate_backend() (or a server shutdown) is opened again after this,
+# as pg_net's worker restarts after its restart delay: monitoring sees the worker go and return.
+TERMINATED_RECONNECT_S = 1.0
+ADMIN_SHUTDOWN = "57P01"
 
 
 class Session:
@@ -31,6 +35,8 @@ class Session:
         self.conn: psycopg.Connection | None = None
         self.queue: Queue | None = None
         self.backend_pid = 0
+        # The server said it ends this session (SQLSTATE 57P01), before closing it.
+        self._terminated = False
         self._fd = -1
         self.reconnect_at_s = 0.0
         self._reconnect_delay_s = RECONNECT_MIN_S
@@ -68,7 +74,9 @@ class Session:
         """Make an opened connection the session's: watched, counted, its NOTIFYs handled."""
         conn = queue.conn
         conn.add_notify_handler(self._on_notify)
+        conn.add_notice_handler(self._on_notice)
         self.conn, self.queue = conn, queue
+        self._terminated = False
         self.backend_pid = conn.info.backend_pid
         self._fd = conn.fileno()
         self._poller.watch(self._fd, select.POLLIN, DB)
@@ -111,7 +119,20 @@ class Session:
             elif notify.payload == "destination_limits":
                 wakeups.limits = True
 
+    def _on_notice(self, diagnostic: psycopg.errors.Diagnostic) -> None:
+        # libpq hands an error that arrives between statements (the FATAL a terminated backend
+        # sends before closing) to the notice processor.
+        if diagnostic.sqlstate == ADMIN_SHUTDOWN:
+            self._terminated = True
+
     def schedule_reconnect(self, exc: PgnetCurlError) -> None:
+        if self._terminated or getattr(exc, "sqlstate", None) == ADMIN_SHUTDOWN:
+            self._terminated = False
+            self._reconnect_delay_s = RECONNECT_MIN_S
+            log.warning("worker %d: the database ended its session (pg_terminate_backend or a shutdown); "
+                        "reconnecting in %.1f s", self.ctx.index, TERMINATED_RECONNECT_S)
+            self.reconnect_at_s = time.monotonic() + TERMINATED_RECONNECT_S
+            return
         delay_s = self._reconnect_delay_s * random.uniform(0.8, 1.2)
         log.warning("worker %d: %s; retrying in %.1f s", self.ctx.index, exc, delay_s)
         self.reconnect_at_s = time.monotonic() + delay_s

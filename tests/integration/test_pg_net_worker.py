@@ -25,6 +25,29 @@ def wait_new_workers(conn, old: set[int], count: int = 2, timeout_s: float = 15)
                       timeout_s, interval_s=0.02, message=f"{count} new worker sessions")
 
 
+# ---- 3. a terminated worker session -------------------------------------------------------
+
+def test_terminated_worker_sessions_come_back_after_pg_nets_restart_delay(db, db_dsn, serve, http_server):
+    process = serve(db_dsn, workers=2)
+    assert db.execute(f"select count(pg_terminate_backend(pid)) from pg_stat_activity "
+                      f"where datname = current_database() and {WORKERS}").fetchone()[0] == 2
+    # Queued while the workers are away: its wake reaches nobody; the reconnect is one.
+    request_id = db.execute("select net.http_get(%s)", (http_server.url_for("/echo"),)).fetchone()[0]
+    seen = []
+
+    def back():
+        # What a monitor polling every 0.05 s sees.
+        seen.append((len(worker_pids(db)), time.monotonic()))
+        return seen[-1][0] == 2 and any(count == 0 for count, _ in seen)
+
+    wait_until(back, timeout_s=15, interval_s=0.05, message="the workers to go and come back")
+    down_s = seen[-1][1] - next(at for count, at in seen if count == 0)
+    print(f"\nterminated: the workers were down for {down_s * 1000:.0f} ms")
+    assert down_s >= 0.7, "back after about a second, as pg_net's restart delay"
+    assert wait_for_row(db, request_id)["status_code"] == 200
+    assert "ended its session" in process.log, process.log
+
+
 # ---- 6. a net schema that is not ours ------------------------------------------------------
 
 def test_a_net_schema_without_our_tables_keeps_one_quiet_session(db, db_dsn, worker_dsn, serve, http_server):
