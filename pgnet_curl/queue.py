@@ -119,3 +119,26 @@ class Queue:
         """Return (requests queued or in flight, age in seconds of the oldest one or None)."""
         with database_errors("sampling the queue"):
             return self.conn.execute(self._sql["sample"]).fetchone()
+
+    def claim_overdue(self, limit: int, grace_s: float) -> list[Request]:
+        """The safety poll's claim: requests whose lease expired and retries that are due, never a
+        fresh row (that waits for a wake, as in pg_net); oldest first."""
+        with database_errors("claiming requests"):
+            rows = self.conn.execute(
+                self._sql["claim_overdue"], {"limit": limit, "owner": self.owner, "grace_s": grace_s}).fetchall()
+        return _as_requests(rows)
+
+    def overdue_waiting(self) -> bool:
+        """Whether claim_overdue would find a request (asked instead while destination limits exist)."""
+        with database_errors("looking for overdue requests"):
+            return self.conn.execute(self._sql["overdue_waiting"]).fetchone()[0]
+
+
+def _as_requests(rows: list[tuple]) -> list[Request]:
+    """Claimed rows (the columns every claim statement returns) as Requests, oldest first."""
+    rows.sort()
+    return [
+        Request(id, method, url, json.loads(headers), body, timeout_ms, attempts, created, *options,
+                queue_oid=queue_oid)
+        for id, method, url, headers, body, timeout_ms, attempts, created, *options, queue_oid in rows
+    ]

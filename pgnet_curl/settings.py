@@ -45,7 +45,8 @@ class Settings:
     # Write-back batches: flushed at this many rows or after this many ms, whichever first.
     write_batch_size: int = 500
     flush_interval_ms: float = 5.0
-    # Safety poll for what a NOTIFY cannot announce (reconnects, expired leases, direct inserts).
+    # Safety poll for what no wake announces: expired leases and due retries (not new rows:
+    # a row inserted straight into the queue waits for a wake, as in pg_net).
     poll_interval_s: float = 5.0
     # How often the pg_net.* settings are read again (pg_reload_conf() reaches the workers this
     # fast), together with a check that the net schema is still the one being served.

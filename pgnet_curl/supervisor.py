@@ -209,14 +209,19 @@ class Supervisor:
         self._alive_gauges[database].set(sum(1 for slot in self._alive() if slot.database == database))
 
     def _release_leases_of(self, slot: _Slot, pid: int) -> None:
-        """Hand a dead worker's claimed requests back now instead of at lease expiry."""
+        """Hand a dead worker's claimed requests back now instead of at lease expiry, and wake the
+        other workers for them."""
         from .worker import lease_owner
 
         owner = lease_owner(socket.gethostname(), self.run_id, pid)
         try:
             conn = db.connect(slot.settings.dsn, "pgnet-curl supervisor")
             try:
-                released = Queue(conn, owner).release_all()
+                queue = Queue(conn, owner)
+                released = queue.release_all()
+                # Unleased rows look new, and new rows wait for a wake; so do the rows whose wake
+                # went to the dead worker (one is chosen per commit): wake every other one.
+                queue.ask_for_help()
             finally:
                 conn.close()
         except PgnetCurlError as exc:

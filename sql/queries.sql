@@ -253,3 +253,36 @@ select pg_reload_conf();
 select coalesce(nullif(current_setting('pg_net.database_name', true), ''), 'postgres'),
        coalesce(nullif(current_setting('pg_net.username', true), ''),
                 (select rolname from pg_roles where oid = 10));
+
+-- name: claim_overdue
+-- The safety poll's claim: what no wake announces, and only that. Requests whose lease expired
+-- (the worker sending them stopped) and retries that are due; never a row nobody has claimed
+-- yet, which waits for a wake as in pg_net. Exactly claim's columns: the worker reads both the
+-- same way.
+update net.http_request_queue
+set lease_owner = %(owner)s,
+    lease_expires_at = clock_timestamp()
+        + make_interval(secs => timeout_milliseconds / 1000.0 + %(grace_s)s),
+    attempts = attempts + 1
+where id = any(array(
+    select id
+    from net.http_request_queue
+    where (lease_expires_at < clock_timestamp() or (lease_expires_at is null and not_before <= clock_timestamp()))
+      and (not_before is null or not_before <= clock_timestamp())
+    order by id
+    limit %(limit)s
+    for update skip locked
+))
+returning id, method, url, headers::text, body, timeout_milliseconds,
+          attempts, extract(epoch from created_at)::float8,
+          retries, max_retries, retry_backoff_ms,
+          idempotency_key, signing_key_id, callback::oid, requested_by, tableoid;
+
+-- name: overdue_waiting
+-- While destination limits exist, the safety poll runs the limited claim only if claim_overdue
+-- would find something.
+select exists (
+    select from net.http_request_queue
+    where (lease_expires_at < clock_timestamp() or (lease_expires_at is null and not_before <= clock_timestamp()))
+      and (not_before is null or not_before <= clock_timestamp())
+);

@@ -22,6 +22,8 @@ class Wakeups:
 
     # Look for claimable requests (a wake NOTIFY, a full claim, a freed slot, a due retry).
     claim: bool = True
+    # The safety poll: claim only what no wake announces (expired leases, due retries).
+    overdue: bool = False
     # net.worker_restart(): open a new database session.
     restart: bool = False
     # SIGHUP: read pg_net's settings again (and say what they are).

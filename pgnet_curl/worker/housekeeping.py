@@ -136,10 +136,14 @@ class Housekeeping:
             return
         queue = self.session.queue
         if now >= self.next_poll_s:
-            wakeups.claim = True
+            # What no wake announces: leases that expired, retries that are due (not new rows).
+            # A wake's claim since the last poll took those too.
+            if not self.claimer.take_claimed_since_poll():
+                wakeups.overdue = True
             self.next_poll_s = now + self.ctx.settings.poll_interval_s
             if self.ctx.index == 1:
                 self._sample_queue(queue)
+        limits_changed = wakeups.limits
         if wakeups.keys or now >= self._next_keys_s:
             # Also a safety net under the NOTIFYs of key and limit changes.
             wakeups.limits = True
@@ -148,8 +152,11 @@ class Housekeeping:
             self.outcome.signing_keys = queue.signing_keys()
         if wakeups.limits:
             wakeups.limits = False
+            before = (self.claimer.limits_active, self.claimer.concurrency_limited)
             self.claimer.limits_active, self.claimer.concurrency_limited = queue.limits_active()
-            wakeups.claim = True
+            # Changed limits may let held-back requests go; a refresh that finds none is no wake.
+            if limits_changed or before != (self.claimer.limits_active, self.claimer.concurrency_limited):
+                wakeups.claim = True
         if now >= self.next_ttl_sweep_s:
             self._sweep_expired(queue)
             self.next_ttl_sweep_s = now + self.ctx.settings.ttl_sweep_interval_s

@@ -108,6 +108,9 @@ class Worker:
                 if pending:
                     self.writeback.flush(self.session.queue, everything=True)
                 released = self.session.queue.release([request.id for request in unfinished])
+                if released:
+                    # Unleased rows look new, and new rows wait for a wake: give one.
+                    self.session.queue.ask_for_help()
                 if unfinished:
                     log.warning("worker %d released %d unfinished requests to the queue", self.ctx.index, released)
             except PgnetCurlError as exc:

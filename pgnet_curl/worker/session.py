@@ -104,8 +104,8 @@ class Session:
                 return  # our own call for help
             # A committed request wakes one worker of the N, chosen by the sender's backend pid,
             # so the others run no claim that finds nothing. A worker with more than it can take
-            # sends 'help', and every worker claims; the safety poll covers a designated worker
-            # that is down.
+            # sends 'help', and every worker claims. A designated worker that is down claims when
+            # it is back (a reconnect is a wake); when one dies the supervisor wakes the others.
             workers = self.ctx.settings.workers
             if notify.payload == "help" or workers == 1 or notify.pid % workers == self.ctx.index - 1:
                 wakeups.claim = True

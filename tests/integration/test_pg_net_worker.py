@@ -7,7 +7,7 @@ import time
 
 from helpers import wait_until
 from test_lifecycle import WAITING
-from test_worker import wait_for_row
+from test_worker import row, wait_for_row
 
 from pgnet_curl import schema
 
@@ -46,6 +46,35 @@ def test_terminated_worker_sessions_come_back_after_pg_nets_restart_delay(db, db
     assert down_s >= 0.7, "back after about a second, as pg_net's restart delay"
     assert wait_for_row(db, request_id)["status_code"] == 200
     assert "ended its session" in process.log, process.log
+
+
+# ---- 4. direct inserts ---------------------------------------------------------------------
+
+def insert_row(db, url: str, extra_columns: str = "", extra_values: str = "") -> int:
+    return db.execute(f"insert into net.http_request_queue(method, url, headers, timeout_milliseconds{extra_columns}) "
+                      f"values ('GET', %s, '{{}}', 5000{extra_values}) returning id", (url,)).fetchone()[0]
+
+
+def test_a_row_inserted_directly_waits_for_a_wake_and_the_poll_takes_only_overdue_rows(db, db_dsn, serve,
+                                                                                      http_server):
+    serve(db_dsn, workers=2)  # safety poll every 0.5 s
+    http_server.reset()
+    inserted_s = time.monotonic()
+    direct = insert_row(db, http_server.url_for("/status/201"))
+    # What the safety poll is for: a lease whose worker died, and a retry that is due.
+    expired = insert_row(db, http_server.url_for("/status/202"), ", lease_owner, lease_expires_at, attempts",
+                         ", 'gone:0:1', now() - interval '1 second', 1")
+    due = insert_row(db, http_server.url_for("/status/203"), ", not_before, retries",
+                     ", now() - interval '1 second', 1")
+    wait_for_row(db, expired, timeout_s=5)
+    wait_for_row(db, due, timeout_s=5)
+    # Not synchronisation: nothing may send it for 5 s (pg_net's users check exactly this).
+    time.sleep(max(0.0, inserted_s + 5 - time.monotonic()))
+    assert row(db, direct) is None and http_server.hits("/status/201") == 0
+    woken_s = time.monotonic()
+    db.execute("select net.wake()")
+    assert wait_for_row(db, direct, timeout_s=5)["status_code"] == 201
+    print(f"\ndirect insert: not sent in 5 s; sent {(time.monotonic() - woken_s) * 1000:.0f} ms after net.wake()")
 
 
 # ---- 6. a net schema that is not ours ------------------------------------------------------
