@@ -133,6 +133,10 @@ class Queue:
         with database_errors("looking for overdue requests"):
             return self.conn.execute(self._sql["overdue_waiting"]).fetchone()[0]
 
+    def oldest_response_age_s(self) -> float | None:
+        """Seconds since the oldest response (or archived failed request) was stored; None: none."""
+        with database_errors("reading the oldest response"):
+            return self.conn.execute(self._sql["oldest_response"]).fetchone()[0]
 
 def _as_requests(rows: list[tuple]) -> list[Request]:
     """Claimed rows (the columns every claim statement returns) as Requests, oldest first."""

@@ -168,12 +168,15 @@ select (select case when has_schema_privilege(n.oid, 'usage') then to_regclass('
        current_setting('pg_net.batch_size', true), current_setting('pg_net.ttl', true);
 
 -- name: delete_expired
--- Delete up to %(limit)s responses older than the TTL (small batches: short locks).
+-- Delete up to %(limit)s responses older than the TTL (one pass, as pg_net's: pg_net.batch_size
+-- rows at most). Rows another worker's pass is deleting are skipped, not waited for (the row
+-- lock needs the worker's UPDATE on a column, callback_error).
 delete from net._http_response
 where ctid = any(array(
     select ctid from net._http_response
     where created < now() - make_interval(secs => %(ttl_s)s)
     limit %(limit)s
+    for update skip locked
 ));
 
 -- name: delete_expired_archive
@@ -286,3 +289,10 @@ select exists (
     where (lease_expires_at < clock_timestamp() or (lease_expires_at is null and not_before <= clock_timestamp()))
       and (not_before is null or not_before <= clock_timestamp())
 );
+
+-- name: oldest_response
+-- Seconds since the oldest response (or failed request kept for replay) was stored, by the
+-- database's clock; NULL when there is none. Read after each TTL pass: the next one is due
+-- when that row expires.
+select extract(epoch from now() - least((select min(created) from net._http_response),
+                                        (select min(archived_at) from net._http_request_archive)))::float8;

@@ -24,6 +24,8 @@ class Wakeups:
     claim: bool = True
     # The safety poll: claim only what no wake announces (expired leases, due retries).
     overdue: bool = False
+    # A wake from a request function or net.wake(): look for expired responses too, as pg_net.
+    expiry: bool = False
     # net.worker_restart(): open a new database session.
     restart: bool = False
     # SIGHUP: read pg_net's settings again (and say what they are).

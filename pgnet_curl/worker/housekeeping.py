@@ -1,4 +1,4 @@
-"""Housekeeping: the schema and pg_net.* settings check, signing key and limit refresh, the TTL sweep,
+"""Housekeeping: the schema and pg_net.* settings check, signing key and limit refresh, the TTL passes,
 and the safety poll."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from ..errors import DatabaseUnavailable, PgnetCurlError, SchemaError
 from ..queue import Queue
 from .claimer import Claimer
 from .context import WorkerContext
+from .expiry import Expiry
 from .outcome import Outcome
 from .session import Session
 
@@ -22,8 +23,8 @@ _SCHEMA_VERSION = schema.latest_version()
 SCHEMA_WAIT_CHECK_S = 0.5
 # Signing keys are read again this often, besides on their NOTIFY and at connect.
 _SIGNING_KEYS_REFRESH_S = 60.0
-# TTL sweep: at most this many delete statements per sweep, so a sweep never stalls the loop.
-_TTL_SWEEP_MAX_STATEMENTS = 10
+# Token buckets that are full again (and slots of dead workers) are forgotten this often.
+_IDLE_BUCKETS_EVERY_S = 30.0
 
 
 class Housekeeping:
@@ -39,7 +40,8 @@ class Housekeeping:
         self.outcome = outcome
         self.claimer = claimer
         self._follow_schema = follow_schema
-        self.next_poll_s = self.next_check_s = self.next_ttl_sweep_s = self._next_keys_s = 0.0
+        self.expiry = Expiry(ctx)
+        self.next_poll_s = self.next_check_s = self._next_keys_s = self._next_buckets_s = 0.0
         # The outdated schema version last reported, so that it is reported once.
         self._outdated_seen: int | None = None
         # A schema net this worker cannot read (not pgnet-curl's) was reported.
@@ -49,7 +51,6 @@ class Housekeeping:
     def start(self, now: float) -> None:
         self.next_poll_s = now + self.ctx.settings.poll_interval_s
         self.next_check_s = now + self.ctx.settings.settings_refresh_s
-        self.next_ttl_sweep_s = now
 
     def first_reads(self, queue: Queue) -> int | None:
         """On a new connection: settings, the schema's oid (None: wait for it), keys and limits."""
@@ -120,9 +121,12 @@ class Housekeeping:
         """The next time run() has something to do (while connected)."""
         if self.ctx.wakeups.check:
             return 0.0
+        due_s = min(self.next_poll_s, self.next_check_s)
         if self.session.serving:
-            return min(self.next_poll_s, self.next_check_s, self.next_ttl_sweep_s)
-        return min(self.next_poll_s, self.next_check_s)
+            expiry_s = self.expiry.due_s()
+            if expiry_s is not None:
+                due_s = min(due_s, expiry_s)
+        return due_s
 
     def run(self, now: float) -> None:
         """Do what is due; raise PgnetCurlError if the database fails meanwhile."""
@@ -157,9 +161,13 @@ class Housekeeping:
             # Changed limits may let held-back requests go; a refresh that finds none is no wake.
             if limits_changed or before != (self.claimer.limits_active, self.claimer.concurrency_limited):
                 wakeups.claim = True
-        if now >= self.next_ttl_sweep_s:
-            self._sweep_expired(queue)
-            self.next_ttl_sweep_s = now + self.ctx.settings.ttl_sweep_interval_s
+        if wakeups.expiry:
+            wakeups.expiry = False
+            self.expiry.woken()
+        self.expiry.run(queue, now)
+        if self.claimer.limits_active and now >= self._next_buckets_s:
+            self._next_buckets_s = now + _IDLE_BUCKETS_EVERY_S
+            queue.delete_idle_buckets()
 
     def write_flag_limits(self) -> None:
         """Worker 1 writes serve's --destination-limit rows into each schema it serves (a
@@ -181,17 +189,3 @@ class Housekeeping:
         depth, oldest_age_s = queue.sample()
         self.ctx.metrics.queue_depth.set(depth)
         self.ctx.metrics.queue_oldest_pending_seconds.set(oldest_age_s or 0.0)
-
-    def _sweep_expired(self, queue: Queue) -> None:
-        settings = self.ctx.settings
-        ttl_s = settings.ttl.total_seconds()
-        for _ in range(_TTL_SWEEP_MAX_STATEMENTS):
-            deleted = queue.delete_expired(ttl_s, settings.ttl_sweep_rows)
-            self.ctx.metrics.responses_expired_total.inc(deleted)
-            if deleted < settings.ttl_sweep_rows:
-                break
-        for _ in range(_TTL_SWEEP_MAX_STATEMENTS):
-            if queue.delete_expired_archive(ttl_s, settings.ttl_sweep_rows) < settings.ttl_sweep_rows:
-                break
-        if self.claimer.limits_active:
-            queue.delete_idle_buckets()

@@ -41,7 +41,9 @@ class Lifecycle:
             session.abandon(queue, exc)
             return
         session.adopt(queue)
+        # A (re)start or reconnect is a wake, as in pg_net, for requests and expired responses.
         self.ctx.wakeups.claim = True
+        self.housekeeping.expiry.reset()
         # Responses finished while we were away are written now (those whose lease held).
         self.writeback.oldest_s = 0.0
         self.housekeeping.schedule_check(time.monotonic())
@@ -93,9 +95,13 @@ class Lifecycle:
             self.connect()
 
     def flush(self, everything: bool) -> None:
-        """Write pending responses; tell the claimer what that freed and put back."""
+        """Write pending responses; tell the claimer what that freed and put back, and the TTL
+        passes that a response is stored (no query: the oldest one is known)."""
         written, retry_delays_ms = self.writeback.flush(self.session.queue, everything)
-        self.claimer.after_write(written, retry_delays_ms, time.monotonic())
+        now = time.monotonic()
+        if written:
+            self.housekeeping.expiry.written(now)
+        self.claimer.after_write(written, retry_delays_ms, now)
 
     def restart(self) -> None:
         """net.worker_restart(): a new database session, so every pg_net.* setting applies anew.

@@ -106,9 +106,12 @@ class Session:
             # so the others run no claim that finds nothing. A worker with more than it can take
             # sends 'help', and every worker claims. A designated worker that is down claims when
             # it is back (a reconnect is a wake); when one dies the supervisor wakes the others.
+            # A wake (not 'help') also has the TTL passes look for expired responses, as pg_net's.
             workers = self.ctx.settings.workers
-            if notify.payload == "help" or workers == 1 or notify.pid % workers == self.ctx.index - 1:
+            if notify.payload == "help":
                 wakeups.claim = True
+            elif workers == 1 or notify.pid % workers == self.ctx.index - 1:
+                wakeups.claim = wakeups.expiry = True
         elif notify.channel == db.CONTROL_CHANNEL:
             if notify.payload == "restart":
                 wakeups.restart = True

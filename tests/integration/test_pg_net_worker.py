@@ -25,6 +25,49 @@ def wait_new_workers(conn, old: set[int], count: int = 2, timeout_s: float = 15)
                       timeout_s, interval_s=0.02, message=f"{count} new worker sessions")
 
 
+def response_count(conn) -> int:
+    return conn.execute("select count(*) from net._http_response").fetchone()[0]
+
+
+# ---- 1. TTL --------------------------------------------------------------------------------
+
+def test_a_one_second_ttl_holds_without_a_new_request(db, db_dsn, serve, http_server):
+    serve(db_dsn, workers=2)
+    db.execute(f"alter database \"{db.info.dbname}\" set pg_net.ttl = '1 second'")
+    db.execute("select net.worker_restart()")
+    db.execute("select net.wait_until_running()")
+    request_id = db.execute("select net.http_get(%s)", (http_server.url_for("/echo"),)).fetchone()[0]
+    wait_for_row(db, request_id)
+    seen_s = time.monotonic()
+    age_s = db.execute("select extract(epoch from now() - created)::float8 from net._http_response where id = %s",
+                       (request_id,)).fetchone()[0]
+    wait_until(lambda: row(db, request_id) is None, timeout_s=8, interval_s=0.02, message="the row to expire")
+    lifetime_s = age_s + time.monotonic() - seen_s
+    print(f"\nTTL 1 s: the row was gone {lifetime_s * 1000:.0f} ms after it was stored, with no new request")
+    assert lifetime_s < 1.0 + 1.5, "pg_net.ttl holds within about a second"
+
+
+def test_expired_responses_go_at_a_wake_in_passes_of_batch_size_a_second_apart(db, db_dsn, serve):
+    serve(db_dsn, "--batch-size", "2", workers=2)
+    db.execute("insert into net._http_response(id, status_code, created) "
+               "select -n, 200, now() - interval '7 hours' from generate_series(1, 4) n")
+    db.execute("select net.wake()")
+    changes = [(response_count(db), time.monotonic())]
+
+    def gone():
+        count = response_count(db)
+        if count != changes[-1][0]:
+            changes.append((count, time.monotonic()))
+        return count == 0
+
+    wait_until(gone, timeout_s=10, interval_s=0.02, message="the expired rows to go")
+    assert [count for count, _ in changes] == [4, 2, 0], changes
+    between_s = changes[2][1] - changes[1][1]
+    print(f"\nbatch_size 2, 4 expired: 4 -> 2 after {(changes[1][1] - changes[0][1]) * 1000:.0f} ms, "
+          f"2 -> 0 {between_s * 1000:.0f} ms later")
+    assert between_s > 0.5, "passes about a second apart, as pg_net's"
+
+
 # ---- 3. a terminated worker session -------------------------------------------------------
 
 def test_terminated_worker_sessions_come_back_after_pg_nets_restart_delay(db, db_dsn, serve, http_server):
