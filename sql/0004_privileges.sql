@@ -59,7 +59,7 @@ declare
         'retry_request'];
     -- pg_net's callable API (and ours): everything else in schema net is internal.
     public_api text[] := array['http_get', 'http_post', 'http_delete', 'http_request',
-        '_http_collect_response', 'http_collect_response', '_await_response', 'wake',
+        '_http_collect_response', 'http_collect_response', '_await_response', 'wake', 'worker_restart',
         'wait_until_running', 'check_worker_is_up', '_urlencode_string', '_encode_url_with_params_array',
         'retry_request', 'retry_requests', '_url_host'];
     -- Options a request function sets on a row it just queued (sql/0007_delivery.sql).
@@ -146,7 +146,6 @@ begin
     if private_mode then
         grant usage on schema net to pgnet_user;
         grant execute on all functions in schema net to pgnet_user;
-        revoke execute on function net.worker_restart() from pgnet_user;
         revoke execute on function net._apply_privileges() from pgnet_user;
         revoke execute on function net.rotate_signing_key(text, interval), net._run_callbacks(jsonb) from pgnet_user;
         -- The worker's own claim helpers (sql/0008_destination_limits.sql).
@@ -200,6 +199,6 @@ end
 $$;
 
 comment on function net.worker_restart() is
-    'Ask the pgnet-curl workers to reconnect and re-read settings; for the owner and roles granted it.';
+    'Ask the pgnet-curl workers to reload pg_net''s settings in new sessions; any role (private mode: members of pgnet_user).';
 
 insert into net._schema_migrations(version) values (4) on conflict do nothing;

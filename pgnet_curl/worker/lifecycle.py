@@ -4,6 +4,7 @@ dropped or installed again under it, and net.worker_restart()."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from ..curl_driver import CurlDriver
@@ -17,6 +18,10 @@ from .writeback import WriteBack
 
 log = logging.getLogger("pgnet_curl.worker")
 
+# net.worker_restart() calls that arrive while a restart is pending merge into it: a session is
+# restarted at most this often, so a loop of calls cannot keep a worker from its work.
+RESTART_MIN_INTERVAL_S = 0.5
+
 
 class Lifecycle:
     """What happens to the stages' state when the session or the schema under it changes."""
@@ -29,6 +34,7 @@ class Lifecycle:
         self.claimer = claimer
         self.writeback = writeback
         self.housekeeping: Housekeeping | None = None  # set by the loop once built
+        self._last_restart_s = -math.inf
 
     def connect(self) -> None:
         session = self.session
@@ -40,6 +46,8 @@ class Lifecycle:
         except PgnetCurlError as exc:
             session.abandon(queue, exc)
             return
+        # A new session is what a pending restart asked for.
+        self.ctx.wakeups.restart = False
         session.adopt(queue)
         # A (re)start or reconnect is a wake, as in pg_net, for requests and expired responses.
         self.ctx.wakeups.claim = True
@@ -49,6 +57,16 @@ class Lifecycle:
         self.housekeeping.schedule_check(time.monotonic())
         self.follow_schema(queue_oid, fresh_session=True)
         self.housekeeping.write_flag_limits()
+
+    def due_s(self) -> float | None:
+        """When act() has something to do: a restart asked for."""
+        if self.ctx.wakeups.restart:
+            return self._last_restart_s + RESTART_MIN_INTERVAL_S
+        return None
+
+    def act(self, now: float) -> None:
+        if self.ctx.wakeups.restart and now >= self._last_restart_s + RESTART_MIN_INTERVAL_S:
+            self.restart(now)
 
     def on_db_error(self, exc: PgnetCurlError) -> None:
         """Drop the connection and reconnect later; in-flight transfers carry on meanwhile.
@@ -103,12 +121,13 @@ class Lifecycle:
             self.housekeeping.expiry.written(now)
         self.claimer.after_write(written, retry_delays_ms, now)
 
-    def restart(self) -> None:
+    def restart(self, now: float) -> None:
         """net.worker_restart(): a new database session, so every pg_net.* setting applies anew.
 
-        In-flight transfers carry on; finished responses are written first.
+        In-flight transfers carry on; finished responses are written first. The restart request
+        stays pending until a new session is open (connect() clears it).
         """
-        self.ctx.wakeups.restart = False
+        self._last_restart_s = now
         log.info("worker %d restarting its database session (net.worker_restart)", self.ctx.index)
         try:
             self.flush(everything=True)

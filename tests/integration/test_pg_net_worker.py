@@ -3,7 +3,10 @@ against `pgnet-curl serve` as such code runs them."""
 
 from __future__ import annotations
 
+import itertools
 import time
+
+import psycopg
 
 from helpers import wait_until
 from test_lifecycle import WAITING
@@ -66,6 +69,50 @@ def test_expired_responses_go_at_a_wake_in_passes_of_batch_size_a_second_apart(d
     print(f"\nbatch_size 2, 4 expired: 4 -> 2 after {(changes[1][1] - changes[0][1]) * 1000:.0f} ms, "
           f"2 -> 0 {between_s * 1000:.0f} ms later")
     assert between_s > 0.5, "passes about a second apart, as pg_net's"
+
+
+# ---- 2. net.worker_restart() ---------------------------------------------------------------
+
+def test_any_role_restarts_every_worker_and_a_loop_of_restarts_loses_nothing(db, db_dsn, serve, make_role,
+                                                                            http_server):
+    serve(db_dsn, workers=2)
+    _, dsn = make_role()  # a plain `create role`: pg_net lets any role call it
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("set statement_timeout = '20s'")
+        before = worker_pids(db)
+        started_s = time.monotonic()
+        assert conn.execute("select net.worker_restart()").fetchone()[0] is True
+        conn.execute("select net.wait_until_running()")
+        waited_s = time.monotonic() - started_s
+        after = worker_pids(db)
+        print(f"\nworker_restart: wait_until_running returned after {waited_s * 1000:.0f} ms, "
+              f"every worker in a new session")
+        assert len(after) == 2 and not after & before, (before, after)
+
+        before = after
+        started_s = time.monotonic()
+        conn.execute("select net.worker_restart()")
+        wait_new_workers(db, before)
+        print(f"worker_restart: new pids after {(time.monotonic() - started_s) * 1000:.0f} ms")
+        assert time.monotonic() - started_s < 3.0
+
+        # Calls in a loop merge into pending restarts: requests in flight meanwhile are answered
+        # once, and sent once.
+        http_server.reset()
+        ids = []
+        deadline_s = time.monotonic() + 2
+        for n in itertools.count():
+            if time.monotonic() > deadline_s:
+                break
+            conn.execute("select net.worker_restart()")
+            if n % 5 == 0:
+                ids.append(db.execute("select net.http_get(%s)", (http_server.url_for("/delay/150"),)).fetchone()[0])
+    wait_until(lambda: db.execute("select count(*) from net._http_response where id = any(%s)",
+                                  (ids,)).fetchone()[0] == len(ids),
+               timeout_s=30, message=f"{len(ids)} responses")
+    assert db.execute("select count(*), count(distinct id), count(*) filter (where status_code = 200) "
+                      "from net._http_response where id = any(%s)", (ids,)).fetchone() == (len(ids),) * 3
+    assert http_server.hits("/delay/150") == len(ids), "none sent twice"
 
 
 # ---- 3. a terminated worker session -------------------------------------------------------
