@@ -138,6 +138,12 @@ class Queue:
         with database_errors("reading the oldest response"):
             return self.conn.execute(self._sql["oldest_response"]).fetchone()[0]
 
+    def pg_net_target(self) -> tuple[str | None, str | None]:
+        """Return pg_net.database_name and pg_net.username as this session sees them."""
+        with database_errors("reading pg_net.database_name and pg_net.username"):
+            return self.conn.execute(self._sql["pg_net_target"]).fetchone()
+
+
 def _as_requests(rows: list[tuple]) -> list[Request]:
     """Claimed rows (the columns every claim statement returns) as Requests, oldest first."""
     rows.sort()

@@ -51,6 +51,9 @@ class Settings:
     # How often the pg_net.* settings are read again (pg_reload_conf() reaches the workers this
     # fast), together with a check that the net schema is still the one being served.
     settings_refresh_s: float = 0.5
+    # Serve the database and connect as the role pg_net.database_name / pg_net.username name,
+    # when set (at start and at net.worker_restart()); off with several databases.
+    follow_pg_net_settings: bool = True
     # Graceful shutdown: in-flight requests get this long to finish before being released.
     drain_timeout_s: float = 10.0
     # A request claimed this many times without an answer (its workers died) gets an error row.

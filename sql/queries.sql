@@ -251,11 +251,9 @@ select set_config(%(name)s, '', false);
 select pg_reload_conf();
 
 -- name: pg_net_target
--- The database and role pg_net's worker would use: pg_net.database_name ('postgres' when
--- unset) and pg_net.username (unset: the bootstrap superuser, the role with oid 10).
-select coalesce(nullif(current_setting('pg_net.database_name', true), ''), 'postgres'),
-       coalesce(nullif(current_setting('pg_net.username', true), ''),
-                (select rolname from pg_roles where oid = 10));
+-- pg_net.database_name and pg_net.username as this session sees them (NULL or '' when unset):
+-- the worker serves the database and connects as the role they name (pgnet_curl/worker/target.py).
+select current_setting('pg_net.database_name', true), current_setting('pg_net.username', true);
 
 -- name: claim_overdue
 -- The safety poll's claim: what no wake announces, and only that. Requests whose lease expired

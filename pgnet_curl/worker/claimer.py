@@ -48,7 +48,7 @@ class Claimer:
     def ready(self) -> bool:
         """Whether a claim would run now (for the loop's poll timeout)."""
         wakeups = self.ctx.wakeups
-        return ((wakeups.claim or wakeups.overdue) and not self.ctx.stopping
+        return ((wakeups.claim or wakeups.overdue) and not self.ctx.stopping and not self.ctx.holding
                 and self.free_slots() >= self.min_claim())
 
     def take_claimed_since_poll(self) -> bool:
@@ -70,7 +70,7 @@ class Claimer:
         need not follow)."""
         ctx = self.ctx
         wakeups = ctx.wakeups
-        if not (wakeups.claim or wakeups.overdue):
+        if not (wakeups.claim or wakeups.overdue) or ctx.holding:
             return None
         if ctx.stopping:
             # Woken while draining: pass the work on to whoever still serves.

@@ -53,6 +53,9 @@ class WorkerContext:
         "claimed": 0, "written": 0, "lease_lost": 0, "reclaimed": 0, "reconnects": 0, "retries": 0})
     # Draining: claim nothing more.
     stopping: bool = False
+    # Moving to the database pg_net.database_name names: claim nothing until what is in flight
+    # here is answered (and written here).
+    holding: bool = False
 
     @classmethod
     def create(cls, settings: Settings, index: int, run_id: str | None, database: str) -> "WorkerContext":

@@ -34,6 +34,8 @@ class Session:
         self.application_name = f"pgnet-curl worker {ctx.index}"
         self.conn: psycopg.Connection | None = None
         self.queue: Queue | None = None
+        # Where the session goes: the DSN's database and role, or pg_net's (worker/target.py).
+        self.dsn = ctx.settings.dsn
         self.backend_pid = 0
         # The server said it ends this session (SQLSTATE 57P01), before closing it.
         self._terminated = False
@@ -60,11 +62,14 @@ class Session:
         settings in between, and abandon()s the connection if that fails.
         """
         try:
-            conn = db.connect(self.ctx.settings.dsn, self.application_name, listen=True)
+            return self.connect_to(self.dsn)
         except PgnetCurlError as exc:
             self.schedule_reconnect(exc)
             return None
-        return Queue(conn, self.ctx.owner)
+
+    def connect_to(self, dsn: str) -> Queue:
+        """Open a LISTENing connection to dsn, not yet the session's; raise PgnetCurlError."""
+        return Queue(db.connect(dsn, self.application_name, listen=True), self.ctx.owner)
 
     def abandon(self, queue: Queue, exc: PgnetCurlError) -> None:
         queue.conn.close()

@@ -1,19 +1,24 @@
 """pg_net's worker behaviours that code and monitoring written for pg_net rely on (issue 17), run
-against `pgnet-curl serve` as such code runs them."""
+against `pgnet-curl serve` as such code runs them: TTL passes, net.worker_restart() for any role,
+a terminated worker session, direct inserts waiting for a wake, pg_net.username and
+pg_net.database_name, and a `net` schema that is not ours."""
 
 from __future__ import annotations
 
 import itertools
+import os
 import time
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from helpers import wait_until
-from test_lifecycle import WAITING
+from test_lifecycle import WAITING, alter_system, restored_settings  # noqa: F401 - a fixture
 from test_worker import row, wait_for_row
 
 from pgnet_curl import schema
 
+_numbers = itertools.count(1)
 WORKERS = "application_name like 'pgnet-curl worker%%'"
 
 
@@ -165,6 +170,67 @@ def test_a_row_inserted_directly_waits_for_a_wake_and_the_poll_takes_only_overdu
     db.execute("select net.wake()")
     assert wait_for_row(db, direct, timeout_s=5)["status_code"] == 201
     print(f"\ndirect insert: not sent in 5 s; sent {(time.monotonic() - woken_s) * 1000:.0f} ms after net.wake()")
+
+
+# ---- 5. pg_net.database_name and pg_net.username -------------------------------------------
+
+def worker_places(pg_server) -> list[tuple[str, str]]:
+    with pg_server.admin() as admin:
+        return sorted(admin.execute(f"select datname, usename from pg_stat_activity where {WORKERS}").fetchall())
+
+
+def test_pg_net_database_name_and_username_are_followed_at_each_restart(db, db_dsn, serve, pg_server, make_role,
+                                                                         restored_settings, http_server):
+    role, _ = make_role("pgnet_worker")
+    other_db = f"pgnet_other_{os.getpid()}_{next(_numbers)}"
+    other_dsn = pg_server.create_database(other_db)
+    try:
+        home_db, home_role = db.info.dbname, conninfo_to_dict(db_dsn).get("user", "postgres")
+        process = serve(db_dsn, workers=2)
+        assert worker_places(pg_server) == [(home_db, home_role)] * 2
+        with pg_server.admin() as admin:
+            alter_system(admin, "pg_net.database_name", other_db)
+            alter_system(admin, "pg_net.username", role)
+        started_s = time.monotonic()
+        db.execute("select net.worker_restart()")  # reloads the configuration, as pg_net's
+        wait_until(lambda: worker_places(pg_server) == [(other_db, role)] * 2, interval_s=0.02,
+                   message="the workers in the named database as the named role")
+        print(f"\npg_net.database_name / pg_net.username: moved after {(time.monotonic() - started_s) * 1000:.0f} ms")
+        with psycopg.connect(other_dsn, autocommit=True) as other:
+            request_id = other.execute("select net.http_get(%s)", (http_server.url_for("/echo"),)).fetchone()[0]
+            assert wait_for_row(other, request_id)["status_code"] == 200
+
+            # A role that cannot log in: said once, with the reason; the workers stay (anew).
+            with pg_server.admin() as admin:
+                alter_system(admin, "pg_net.username", "pgnet_no_such_role")
+            before = worker_pids(other)
+            other.execute("select net.worker_restart()")
+            wait_new_workers(other, before)
+            wait_until(lambda: "could not serve database" in process.log, message="the failure line")
+            assert process.log.count("could not serve database") == 1, process.log
+            assert 'role "pgnet_no_such_role" does not exist' in process.log
+            assert worker_places(pg_server) == [(other_db, role)] * 2
+
+            # pg_net's defaults (unset): the DSN decides again.
+            with pg_server.admin() as admin:
+                alter_system(admin, "pg_net.database_name", "postgres")
+                alter_system(admin, "pg_net.username", "")
+            other.execute("select net.worker_restart()")
+        wait_until(lambda: worker_places(pg_server) == [(home_db, home_role)] * 2, interval_s=0.02,
+                   message="the workers back where the DSN says")
+
+        # Serving several databases, serve follows neither setting, and says so once.
+        with pg_server.admin() as admin:
+            alter_system(admin, "pg_net.database_name", other_db)
+            admin.execute("select pg_reload_conf()")
+        process.kill()
+        wait_until(lambda: not worker_places(pg_server), message="the first serve's sessions to end")
+        several = serve(db_dsn, "--dsn", other_dsn, workers=1)
+        wait_until(lambda: worker_places(pg_server) == sorted([(home_db, home_role), (other_db, home_role)]),
+                   message="a worker in each database, as its DSN says")
+        assert several.log.count("not followed") == 1, several.log
+    finally:
+        pg_server.drop_database(other_db)
 
 
 # ---- 6. a net schema that is not ours ------------------------------------------------------
