@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -57,8 +57,10 @@ def parse_dsn(dsn: str) -> dict:
         raise ConfigError(f"the DSN is not a valid connection string: {db_error_text(exc)}") from None
 
 
-def connect(dsn: str, application_name: str, listen: bool = False) -> psycopg.Connection:
-    """Open an autocommit connection named in pg_stat_activity; LISTEN for wakes if asked."""
+def connect(dsn: str, application_name: str, listen: bool = False,
+            on_notify: Callable[[psycopg.Notify], None] | None = None) -> psycopg.Connection:
+    """Open an autocommit connection named in pg_stat_activity; LISTEN for wakes if asked, with
+    on_notify handling every NOTIFY from the LISTEN on (none is dropped before it is set)."""
     parse_dsn(dsn)
     with database_errors("connecting to the database"):
         conn = psycopg.connect(
@@ -68,6 +70,8 @@ def connect(dsn: str, application_name: str, listen: bool = False) -> psycopg.Co
         # Our statements name net.* objects in full; resolving nothing else outside pg_catalog
         # means no role's look-alike function in another schema can run in our session.
         setup = "set search_path = pg_catalog, pg_temp"
+        if on_notify is not None:
+            conn.add_notify_handler(on_notify)
         if listen:
             setup += f"; listen {WAKE_CHANNEL}; listen {CONTROL_CHANNEL}"
         conn.execute(setup)

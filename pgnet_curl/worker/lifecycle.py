@@ -48,18 +48,20 @@ class Lifecycle:
 
     def connect(self) -> None:
         session = self.session
-        follow = self._follow_target or self.ctx.wakeups.restart
+        # A new session is what a pending restart asks for; one asked for from here on (its
+        # NOTIFY reaches the new session) comes after this session read its settings.
+        self._follow_target = self._follow_target or self.ctx.wakeups.restart
+        self.ctx.wakeups.restart = False
         queue = session.open()
         if queue is None:
             return
         try:
             queue_oid = self.housekeeping.first_reads(queue)
-            wanted = self._wanted_dsn(queue) if follow else None
+            wanted = self._wanted_dsn(queue) if self._follow_target else None
         except PgnetCurlError as exc:
             session.abandon(queue, exc)
             return
-        # A new session is what a pending restart asked for.
-        self._follow_target = self.ctx.wakeups.restart = False
+        self._follow_target = False
         if wanted is not None:
             queue, queue_oid = self._go_to(wanted, queue, queue_oid)
         self._adopt(queue, queue_oid)
@@ -199,7 +201,7 @@ class Lifecycle:
         pg_net.database_name and pg_net.username included.
 
         In-flight transfers carry on; finished responses are written first. The restart request
-        stays pending until a new session is open (connect() clears it).
+        stays pending until a new session opens (connect() takes it).
         """
         self._last_restart_s = now
         log.info("worker %d restarting its database session (net.worker_restart)", self.ctx.index)

@@ -68,8 +68,12 @@ class Session:
             return None
 
     def connect_to(self, dsn: str) -> Queue:
-        """Open a LISTENing connection to dsn, not yet the session's; raise PgnetCurlError."""
-        return Queue(db.connect(dsn, self.application_name, listen=True), self.ctx.owner)
+        """Open a LISTENing connection to dsn, not yet the session's; raise PgnetCurlError.
+
+        Its NOTIFYs are handled from the LISTEN on: one that arrives during the first reads (a
+        net.worker_restart() after they read the settings) is not lost.
+        """
+        return Queue(db.connect(dsn, self.application_name, listen=True, on_notify=self._on_notify), self.ctx.owner)
 
     def abandon(self, queue: Queue, exc: PgnetCurlError) -> None:
         queue.conn.close()
@@ -78,7 +82,6 @@ class Session:
     def adopt(self, queue: Queue) -> None:
         """Make an opened connection the session's: watched, counted, its NOTIFYs handled."""
         conn = queue.conn
-        conn.add_notify_handler(self._on_notify)
         conn.add_notice_handler(self._on_notice)
         self.conn, self.queue = conn, queue
         self._terminated = False
