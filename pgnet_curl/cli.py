@@ -152,9 +152,11 @@ def _serve_options(function):
               help="Serve /metrics and /healthz on this port (default: off).")
 @click.option("--metrics-host", default="0.0.0.0", envvar="PGNET_METRICS_HOST", show_envvar=True,
               show_default=True, help="Address for --metrics-port.")
-@click.option("--follow-pg-net-settings", "follow_pg_net", is_flag=True, envvar="PGNET_FOLLOW_PG_NET_SETTINGS",
+@click.option("--follow-pg-net-settings/--no-follow-pg-net-settings", "follow_pg_net", default=True,
+              envvar="PGNET_FOLLOW_PG_NET_SETTINGS", show_envvar=True, show_default=True,
               help="Serve the database and connect as the role that pg_net.database_name and "
-                   "pg_net.username name (read once at start), as pg_net's worker does.")
+                   "pg_net.username name when they are set (at start and at net.worker_restart()), "
+                   "as pg_net's worker does; only when serving one database.")
 def serve(dsns, dsn_file, data_dir, install_schema, metrics_port, metrics_host, follow_pg_net, **tuning) -> None:
     """Send the requests queued in the database(s) and store their responses.
 

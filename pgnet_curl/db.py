@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -53,7 +53,7 @@ def database_errors(action: str) -> Iterator[None]:
             # reconnect helps: the statement is too big (a write-back batch over jsonb's 256 MiB,
             # say), and a smaller one may pass.
             raise PgnetCurlError(f"{action}: {db_error_text(exc)}") from None
-        raise DatabaseUnavailable(f"{action}: {db_error_text(exc)}") from None
+        raise DatabaseUnavailable(f"{action}: {db_error_text(exc)}", sqlstate=exc.sqlstate) from None
     except psycopg.Error as exc:
         raise PgnetCurlError(f"{action}: {db_error_text(exc)}") from None
 
@@ -68,8 +68,10 @@ def parse_dsn(dsn: str) -> dict:
 
 def connect(dsn: str, application_name: str, listen: bool = False,
             synchronous_commit: bool | None = None,
-            connection_class: type[psycopg.Connection] = psycopg.Connection) -> psycopg.Connection:
-    """Open an autocommit connection named in pg_stat_activity; LISTEN for wakes if asked.
+            connection_class: type[psycopg.Connection] = psycopg.Connection,
+            on_notify: Callable[[psycopg.Notify], None] | None = None) -> psycopg.Connection:
+    """Open an autocommit connection named in pg_stat_activity; LISTEN for wakes if asked, with
+    on_notify handling every NOTIFY from the LISTEN on (none is dropped before it is set).
 
     synchronous_commit: whether a commit waits for its WAL flush. None: off in a worker's
     session (listen), the server's setting in any other. Off, a crash forgets at most the last
@@ -89,6 +91,8 @@ def connect(dsn: str, application_name: str, listen: bool = False,
         setup = "set search_path = pg_catalog, pg_temp"
         if synchronous_commit is not None:
             setup += f"; set synchronous_commit = {'on' if synchronous_commit else 'off'}"
+        if on_notify is not None:
+            conn.add_notify_handler(on_notify)
         if listen:
             setup += f"; listen {WAKE_CHANNEL}; listen {CONTROL_CHANNEL}"
         conn.execute(setup)

@@ -18,6 +18,11 @@ class DatabaseUnavailable(PgnetCurlError):
 
     exit_code = 3
 
+    def __init__(self, message: str, sqlstate: str | None = None):
+        super().__init__(message)
+        # The server's reason when it gave one (57P01: the session was terminated).
+        self.sqlstate = sqlstate
+
 
 class WritesRefused(DatabaseUnavailable):
     """The database takes no writes for now (read-only after a failover, a full disk): keep the

@@ -37,25 +37,18 @@ class Queue:
         self.owner = owner
         self._sql = queries()
 
-    def claim(self, limit: int, grace_s: float, limited: bool = False, slots: bool | None = None) -> list[Request]:
+    def claim(self, limit: int, grace_s: float, limited: bool = False, slots: bool | None = None,
+              overdue_only: bool = False) -> list[Request]:
         """Lease up to limit requests to this worker and return them, oldest first; limited: only
         those the per-destination limits let through now. slots: whether some host's concurrency
-        is limited (the limited claim may then give a request a slot; None: assume it may)."""
+        is limited (the limited claim may then give a request a slot; None: assume it may).
+        overdue_only (with limited): only expired leases and due retries, as claim_overdue."""
         with database_errors("claiming requests"):
             rows = self.conn.execute(
                 self._sql["claim_limited" if limited else "claim"],
-                {"limit": limit, "owner": self.owner, "grace_s": grace_s},
+                {"limit": limit, "owner": self.owner, "grace_s": grace_s, "overdue_only": overdue_only},
             ).fetchall()
-        rows.sort()
-        slotted = limited and slots is not False
-        requests = []
-        for id, method, url, headers, body, timeout_ms, attempts, created, retries, options, queue_oid in rows:
-            request = Request(id, method, url, json.loads(headers), body, timeout_ms, attempts, created, retries,
-                              queue_oid=queue_oid, destination_leased=slotted)
-            if options is not None:
-                _apply_options(request, json.loads(options))
-            requests.append(request)
-        return requests
+        return _as_requests(rows, slotted=limited and slots is not False)
 
     def write(self, responses: list[Response], notify_channel: str | None = None) -> int:
         """Store responses of requests still leased to us and dequeue them; return rows written.
@@ -154,3 +147,38 @@ class Queue:
         """Return (requests queued or in flight, age in seconds of the oldest one or None)."""
         with database_errors("sampling the queue"):
             return self.conn.execute(self._sql["sample"]).fetchone()
+
+    def claim_overdue(self, limit: int, grace_s: float) -> list[Request]:
+        """The safety poll's claim: requests whose lease expired and retries that are due, never a
+        fresh row (that waits for a wake, as in pg_net); oldest first."""
+        with database_errors("claiming requests"):
+            rows = self.conn.execute(
+                self._sql["claim_overdue"], {"limit": limit, "owner": self.owner, "grace_s": grace_s}).fetchall()
+        return _as_requests(rows)
+
+    def oldest_response_age_s(self) -> float | None:
+        """Seconds since the oldest response (or archived failed request) was stored; None: none."""
+        with database_errors("reading the oldest response"):
+            return self.conn.execute(self._sql["oldest_response"]).fetchone()[0]
+
+    def pg_net_target(self) -> tuple[str | None, str | None]:
+        """Return pg_net.database_name and pg_net.username as this session sees them."""
+        with database_errors("reading pg_net.database_name and pg_net.username"):
+            return self.conn.execute(self._sql["pg_net_target"]).fetchone()
+
+
+def _as_requests(rows: list[tuple], slotted: bool = False) -> list[Request]:
+    """Claimed rows (the columns every claim statement returns) as Requests, oldest first.
+
+    slotted: claimed by the limited claim while some host's concurrency is limited, so each may
+    hold a slot its write-back releases.
+    """
+    rows.sort()
+    requests = []
+    for id, method, url, headers, body, timeout_ms, attempts, created, retries, options, queue_oid in rows:
+        request = Request(id, method, url, json.loads(headers), body, timeout_ms, attempts, created, retries,
+                          queue_oid=queue_oid, destination_leased=slotted)
+        if options is not None:
+            _apply_options(request, json.loads(options))
+        requests.append(request)
+    return requests

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import click
 
-from psycopg.conninfo import make_conninfo
-
 from . import db, metrics_dir, schema, settings as settings_module
-from .errors import ConfigError
+from .errors import ConfigError, PgnetCurlError
 from .redact import safe_dsn
 
 log = logging.getLogger("pgnet_curl.serve")
@@ -28,18 +26,28 @@ _FLAG_TO_SETTING = {
 }
 
 
-def follow_pg_net_settings(dsn: str) -> str:
-    """Return dsn aimed at the database and role pg_net.database_name / pg_net.username name."""
+def databases_naming_a_target(databases: dict[str, str]) -> list[str]:
+    """Labels of the databases (label -> DSN) that set pg_net.database_name or pg_net.username
+    to somewhere else than their DSN: those serve does not follow when it serves several."""
     from .sql_files import queries
+    from .worker.target import wanted_dsn
 
-    conn = db.connect(dsn, "pgnet-curl serve")
-    try:
-        with db.database_errors("reading pg_net.database_name and pg_net.username"):
-            dbname, user = conn.execute(queries()["pg_net_target"]).fetchone()
-    finally:
-        conn.close()
-    log.info("following pg_net's settings: serving database %s as role %s", dbname, user)
-    return make_conninfo(dsn, dbname=dbname, user=user)
+    named = []
+    for label, dsn in databases.items():
+        try:
+            conn = db.connect(dsn, "pgnet-curl serve")
+        except PgnetCurlError:
+            continue  # the supervisor says so
+        try:
+            with db.database_errors("reading pg_net.database_name and pg_net.username"):
+                database_name, username = conn.execute(queries()["pg_net_target"]).fetchone()
+        except PgnetCurlError:
+            continue
+        finally:
+            conn.close()
+        if wanted_dsn(dsn, database_name, username) != dsn:
+            named.append(label)
+    return named
 
 
 def database_labels(dsns: list[str]) -> list[str]:
@@ -67,7 +75,7 @@ def read_dsn_file(path: str) -> list[str]:
 
 def serve(dsns: list[str], data_dir: str | None, install_schema: bool, tuning: dict,
           metrics_host: str = "0.0.0.0", metrics_port: int | None = None,
-          follow_pg_net: bool = False) -> int:
+          follow_pg_net: bool = True) -> int:
     """Serve every database in dsns (the embedded one when there is none) until stopped."""
     metrics_dir.prepare()
     from .supervisor import Supervisor  # after prepare(): it imports prometheus_client
@@ -87,15 +95,21 @@ def serve(dsns: list[str], data_dir: str | None, install_schema: bool, tuning: d
         worker_dsns = [db.with_user(dsns[0], EMBEDDED_WORKER_ROLE)]
         log.info("embedded PostgreSQL running in %s", embedded.data_dir)
     try:
-        if follow_pg_net:
-            # pg_net's worker connects as pg_net.username: so do ours, even with the embedded server.
-            dsns = worker_dsns = [follow_pg_net_settings(dsn) for dsn in dsns]
         if install_schema:
             for dsn in dsns:
                 version = schema.install(dsn, worker_role=EMBEDDED_WORKER_ROLE if embedded else None)
                 log.info("net schema version %d installed in %s", version, safe_dsn(dsn))
-        databases = {label: settings_module.build(dsn=dsn, **values)
-                     for label, dsn in zip(database_labels(worker_dsns), worker_dsns)}
+        labelled = dict(zip(database_labels(worker_dsns), worker_dsns))
+        # pg_net's worker serves one database: the one pg_net.database_name names, as the role
+        # pg_net.username names. The workers follow them (worker/target.py) when serve serves one.
+        if follow_pg_net and len(labelled) > 1:
+            follow_pg_net = False
+            named = databases_naming_a_target(labelled)
+            if named:
+                log.warning("pg_net.database_name / pg_net.username are set in %s and not followed: with "
+                            "several databases, serve serves each as its DSN says", ", ".join(named))
+        databases = {label: settings_module.build(dsn=dsn, follow_pg_net_settings=follow_pg_net, **values)
+                     for label, dsn in labelled.items()}
         log.info("outgoing requests: %s", settings_module.describe_transport(next(iter(databases.values()))))
         supervisor = Supervisor(databases, metrics_host, metrics_port)
         supervisor.check_database()

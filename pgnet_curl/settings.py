@@ -45,14 +45,15 @@ class Settings:
     # Write-back batches: flushed at this many rows or after this many ms, whichever first.
     write_batch_size: int = 500
     flush_interval_ms: float = 5.0
-    # Safety poll for what a NOTIFY cannot announce (reconnects, expired leases, direct inserts).
+    # Safety poll for what no wake announces: expired leases and due retries (not new rows:
+    # a row inserted straight into the queue waits for a wake, as in pg_net).
     poll_interval_s: float = 5.0
     # How often the pg_net.* settings are read again (pg_reload_conf() reaches the workers this
     # fast), together with a check that the net schema is still the one being served.
     settings_refresh_s: float = 0.5
-    # How often responses older than the TTL are deleted, and how many per statement.
-    ttl_sweep_interval_s: float = 30.0
-    ttl_sweep_rows: int = 1000
+    # Serve the database and connect as the role pg_net.database_name / pg_net.username name,
+    # when set (at start and at net.worker_restart()); off with several databases.
+    follow_pg_net_settings: bool = True
     # Graceful shutdown: in-flight requests get this long to finish before being released.
     drain_timeout_s: float = 10.0
     # A request claimed this many times without an answer (its workers died) gets an error row.
@@ -122,7 +123,7 @@ def build(**overrides) -> Settings:
 
 
 def _validate(settings: Settings) -> None:
-    for name in ("workers", "batch_size", "max_inflight", "write_batch_size", "ttl_sweep_rows",
+    for name in ("workers", "batch_size", "max_inflight", "write_batch_size",
                  "max_response_bytes", "max_attempts"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")

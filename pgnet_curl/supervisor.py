@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from prometheus_client import multiprocess
 
 from . import db, metrics, ops_server, schema
-from .errors import PgnetCurlError
+from .errors import DatabaseUnavailable, PgnetCurlError
 from .queue import Queue
 from .settings import Settings
 
@@ -91,14 +91,23 @@ class Supervisor:
                 log.warning("database %s: %s; serving the others meanwhile", label, exc)
                 versions[label] = None
                 continue
+            unreadable = ""
             try:
                 versions[label] = schema.installed_version(conn)
-                with db.database_errors("reading the net tables' persistence"):
-                    self._durability[label] = schema.persistence(conn)
+                if versions[label] is not None:
+                    with db.database_errors("reading the net tables' persistence"):
+                        self._durability[label] = schema.persistence(conn)
+            except DatabaseUnavailable:
+                raise
+            except PgnetCurlError as exc:
+                # A schema net this role may not read (an empty one, another extension's) is
+                # not ours: the workers wait for `pgnet-curl install` as without one.
+                versions[label] = None
+                unreadable = f" (schema net here is not one this role can read: {exc})"
             finally:
                 conn.close()
             if versions[label] is None:
-                log.warning("database %s: %s", label, schema.WAITING_FOR_SCHEMA)
+                log.warning("database %s: %s%s", label, schema.WAITING_FOR_SCHEMA, unreadable)
             else:
                 mode = self._durability[label]
                 log.log(logging.INFO if mode == "durable" else logging.WARNING, "database %s is %s: %s",
@@ -251,14 +260,19 @@ class Supervisor:
         self._alive_gauges[database].set(sum(1 for slot in self._alive() if slot.database == database))
 
     def _release_leases_of(self, slot: _Slot, pid: int) -> None:
-        """Hand a dead worker's claimed requests back now instead of at lease expiry."""
+        """Hand a dead worker's claimed requests back now instead of at lease expiry, and wake the
+        other workers for them."""
         from .worker import lease_owner
 
         owner = lease_owner(socket.gethostname(), self.run_id, pid)
         try:
             conn = db.connect(slot.settings.dsn, "pgnet-curl supervisor")
             try:
-                released = Queue(conn, owner).release_all()
+                queue = Queue(conn, owner)
+                released = queue.release_all()
+                # Unleased rows look new, and new rows wait for a wake; so do the rows whose wake
+                # went to the dead worker (one is chosen per commit): wake every other one.
+                queue.ask_for_help()
             finally:
                 conn.close()
         except PgnetCurlError as exc:

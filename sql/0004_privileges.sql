@@ -59,7 +59,7 @@ declare
         'retry_request'];
     -- pg_net's callable API (and ours): everything else in schema net is internal.
     public_api text[] := array['http_get', 'http_post', 'http_delete', 'http_request',
-        '_http_collect_response', 'http_collect_response', '_await_response', 'wake',
+        '_http_collect_response', 'http_collect_response', '_await_response', 'wake', 'worker_restart',
         'wait_until_running', 'check_worker_is_up', '_urlencode_string', '_encode_url_with_params_array',
         'retry_request', 'retry_requests', '_url_host'];
     fn record;
@@ -129,7 +129,7 @@ begin
         if to_regclass('net.destination_limits') is not null then
             grant select, insert, update on net.destination_limits to pgnet_worker;
             grant select, insert, update, delete on net._destination_buckets, net._destination_leases to pgnet_worker;
-            grant execute on function net._claim_limited(text, int, float8), net._destination_limits_due_s(),
+            grant execute on function net._claim_limited(text, int, float8, bool), net._destination_limits_due_s(),
                 net._destination_limits_for(text[]) to pgnet_worker;
         end if;
     end if;
@@ -144,7 +144,6 @@ begin
     if private_mode then
         grant usage on schema net to pgnet_user;
         grant execute on all functions in schema net to pgnet_user;
-        revoke execute on function net.worker_restart() from pgnet_user;
         revoke execute on function net._apply_privileges() from pgnet_user;
         revoke execute on function net.rotate_signing_key(text, interval), net._run_callbacks(jsonb) from pgnet_user;
         -- The worker's own claim helpers (sql/0008_destination_limits.sql).
@@ -196,6 +195,6 @@ end
 $$;
 
 comment on function net.worker_restart() is
-    'Ask the pgnet-curl workers to reconnect and re-read settings; for the owner and roles granted it.';
+    'Ask the pgnet-curl workers to reload pg_net''s settings in new sessions; any role (private mode: members of pgnet_user).';
 
 insert into net._schema_migrations(version) values (4) on conflict do nothing;

@@ -1,29 +1,6 @@
--- pgnet-curl schema, version 6: rows inserted straight into the queue wake a worker too.
---
--- pg_net's worker reads the queue on its next pass; ours sleeps until a NOTIFY. One
--- statement-level trigger announces every insert, whoever makes it. The request functions'
--- own NOTIFY is the same (channel, payload), and PostgreSQL delivers it once per transaction.
-create or replace function net._wake_workers_after_insert()
-    returns trigger
-    language plpgsql
-as $$
-begin
-    perform pg_notify('pgnet_curl_wake', '');
-    return null;
-end
-$$;
-
--- Created once: re-creating it on every install would lock the queue against inserts.
-do $$
-begin
-    if not exists (select 1 from pg_trigger
-                   where tgrelid = 'net.http_request_queue'::regclass and tgname = '_wake_workers') then
-        create trigger _wake_workers
-            after insert on net.http_request_queue
-            for each statement
-            execute function net._wake_workers_after_insert();
-    end if;
-end
-$$;
+-- pgnet-curl schema, version 6: once a statement-level trigger that woke the workers on every
+-- insert into the queue. pg_net wakes its worker only from the request functions and net.wake(),
+-- and checks written for it rely on a direct insert waiting for the next wake, so version 11
+-- (sql/0011_worker_behaviours.sql) drops the trigger; this file no longer makes it.
 
 insert into net._schema_migrations(version) values (6) on conflict do nothing;

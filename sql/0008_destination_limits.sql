@@ -138,7 +138,10 @@ $$;
 -- take their tokens and concurrency; return their ids (the claim statement leases them).
 -- A bucket another claim holds is skipped, not waited for (nor deadlocked on). Rows a limit
 -- holds back are not leased; up to three rounds look past them for other hosts' rows.
-create or replace function net._claim_limited(owner text, max_rows int, grace_s float8)
+-- overdue_only: the safety poll's claim, of expired leases and due retries only (sql/0011):
+-- a row nobody has claimed yet waits for a wake, as in pg_net. Version 11 added the argument.
+drop function if exists net._claim_limited(text, int, float8);
+create or replace function net._claim_limited(owner text, max_rows int, grace_s float8, overdue_only bool default false)
     returns bigint[]
     language plpgsql
     volatile
@@ -202,6 +205,7 @@ begin
             from net.http_request_queue q
             where (q.lease_expires_at is null or q.lease_expires_at < now_ts)
               and (q.not_before is null or q.not_before <= now_ts)
+              and (not overdue_only or q.lease_expires_at is not null or q.not_before is not null)
               and q.id > after_id
               and (cardinality(held) = 0
                    or case when any_star or lower(q.url) like any(url_frags)

@@ -26,13 +26,14 @@ returning id, method, url, headers::text, body, timeout_milliseconds,
 
 -- name: claim_limited
 -- The claim while net.destination_limits has rows: the same lease, on the rows the per-host
--- limits let through now (sql/0008_destination_limits.sql chooses them and takes their tokens).
+-- limits let through now (sql/0008_destination_limits.sql chooses them and takes their tokens);
+-- %(overdue_only)s for the safety poll's, which takes only expired leases and due retries.
 update net.http_request_queue
 set lease_owner = %(owner)s,
     lease_expires_at = clock_timestamp()
         + make_interval(secs => timeout_milliseconds / 1000.0 + %(grace_s)s),
     attempts = attempts + 1
-where id = any((select net._claim_limited(%(owner)s, %(limit)s, %(grace_s)s))::bigint[])
+where id = any((select net._claim_limited(%(owner)s, %(limit)s, %(grace_s)s, %(overdue_only)s))::bigint[])
 -- Exactly claim's columns: the worker reads both the same way.
 returning id, method, url, headers::text, body, timeout_milliseconds,
           attempts, extract(epoch from created_at)::float8, retries, options::text, tableoid;
@@ -188,16 +189,22 @@ select current_setting('pg_net.batch_size', true), current_setting('pg_net.ttl',
 -- Run by each worker every half second (settings_refresh_s):
 -- the queue table's oid (NULL while the net schema is missing, a new one after a drop and
 -- reinstall) and pg_net's settings as this session sees them after any pg_reload_conf().
-select to_regclass('net.http_request_queue')::oid,
+-- A schema net this role may not use (an empty one, another extension's) counts as missing:
+-- to_regclass() would raise "permission denied for schema net".
+select (select case when has_schema_privilege(n.oid, 'usage') then to_regclass('net.http_request_queue')::oid end
+        from pg_namespace n where n.nspname = 'net'),
        current_setting('pg_net.batch_size', true), current_setting('pg_net.ttl', true);
 
 -- name: delete_expired
--- Delete up to %(limit)s responses older than the TTL (small batches: short locks).
+-- Delete up to %(limit)s responses older than the TTL (one pass, as pg_net's: pg_net.batch_size
+-- rows at most). Rows another worker's pass is deleting are skipped, not waited for (the row
+-- lock needs the worker's UPDATE on a column, callback_error).
 delete from net._http_response
 where ctid = any(array(
     select ctid from net._http_response
     where created < now() - make_interval(secs => %(ttl_s)s)
     limit %(limit)s
+    for update skip locked
 ));
 
 -- name: delete_expired_archive
@@ -272,8 +279,35 @@ select set_config(%(name)s, '', false);
 select pg_reload_conf();
 
 -- name: pg_net_target
--- The database and role pg_net's worker would use: pg_net.database_name ('postgres' when
--- unset) and pg_net.username (unset: the bootstrap superuser, the role with oid 10).
-select coalesce(nullif(current_setting('pg_net.database_name', true), ''), 'postgres'),
-       coalesce(nullif(current_setting('pg_net.username', true), ''),
-                (select rolname from pg_roles where oid = 10));
+-- pg_net.database_name and pg_net.username as this session sees them (NULL or '' when unset):
+-- the worker serves the database and connects as the role they name (pgnet_curl/worker/target.py).
+select current_setting('pg_net.database_name', true), current_setting('pg_net.username', true);
+
+-- name: claim_overdue
+-- The safety poll's claim: what no wake announces, and only that. Requests whose lease expired
+-- (the worker sending them stopped) and retries that are due; never a row nobody has claimed
+-- yet, which waits for a wake as in pg_net. Exactly claim's columns: the worker reads both the
+-- same way.
+update net.http_request_queue
+set lease_owner = %(owner)s,
+    lease_expires_at = clock_timestamp()
+        + make_interval(secs => timeout_milliseconds / 1000.0 + %(grace_s)s),
+    attempts = attempts + 1
+where id = any(array(
+    select id
+    from net.http_request_queue
+    where (lease_expires_at < clock_timestamp() or (lease_expires_at is null and not_before <= clock_timestamp()))
+      and (not_before is null or not_before <= clock_timestamp())
+    order by id
+    limit %(limit)s
+    for update skip locked
+))
+returning id, method, url, headers::text, body, timeout_milliseconds,
+          attempts, extract(epoch from created_at)::float8, retries, options::text, tableoid;
+
+-- name: oldest_response
+-- Seconds since the oldest response (or failed request kept for replay) was stored, by the
+-- database's clock; NULL when there is none. Read after each TTL pass: the next one is due
+-- when that row expires.
+select extract(epoch from now() - least((select min(created) from net._http_response),
+                                        (select min(archived_at) from net._http_request_archive)))::float8;

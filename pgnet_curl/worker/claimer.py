@@ -1,4 +1,5 @@
-"""When to claim, how many, and how: the plain claim, or the limited one while destination limits exist."""
+"""When to claim, how many, and how: the plain claim, or the limited one while destination limits exist;
+and the safety poll's claim, of what no wake announces."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ class Claimer:
         self._next_help_s = 0.0
         # The last claim filled its limit: more are probably waiting.
         self._full = False
+        # The last claim was the safety poll's (claim_overdue): a full one chains as such.
+        self._overdue = False
+        # A wake's claim ran since the last safety poll (which then has nothing to add).
+        self._claimed_since_poll = False
 
     def free_slots(self) -> int:
         return self.ctx.settings.max_inflight - self.driver.inflight
@@ -42,7 +47,14 @@ class Claimer:
 
     def ready(self) -> bool:
         """Whether a claim would run now (for the loop's poll timeout)."""
-        return self.ctx.wakeups.claim and not self.ctx.stopping and self.free_slots() >= self.min_claim()
+        wakeups = self.ctx.wakeups
+        return ((wakeups.claim or wakeups.overdue) and not self.ctx.stopping and not self.ctx.holding
+                and self.free_slots() >= self.min_claim())
+
+    def take_claimed_since_poll(self) -> bool:
+        """Whether a wake's claim ran since the last call (the safety poll asks)."""
+        claimed, self._claimed_since_poll = self._claimed_since_poll, False
+        return claimed
 
     def next_due_s(self) -> float | None:
         return self._due_s[0] if self._due_s else None
@@ -57,20 +69,31 @@ class Claimer:
         """Lease what there is room for, oldest first; None when no claim ran (then share_load
         need not follow)."""
         ctx = self.ctx
-        if not ctx.wakeups.claim:
+        wakeups = ctx.wakeups
+        if not (wakeups.claim or wakeups.overdue) or ctx.holding:
             return None
         if ctx.stopping:
             # Woken while draining: pass the work on to whoever still serves.
-            ctx.wakeups.claim = False
+            wakeups.claim = wakeups.overdue = False
             self.ask_for_help(queue, now)
             return None
         if self.free_slots() < self.min_claim():
-            # Work is waiting and we are full: let the other workers take it.
-            self.ask_for_help(queue, now)
+            if wakeups.claim:
+                # Work is waiting and we are full: let the other workers take it.
+                self.ask_for_help(queue, now)
             return None
         limit = min(ctx.settings.batch_size, self.free_slots())
-        requests = queue.claim(limit, ctx.settings.lease_grace_s, limited=self.limits_active,
-                               slots=self.concurrency_limited)
+        # A wake's claim takes overdue rows too; the safety poll's takes nothing else. The wake
+        # is taken now: one that arrives during the statement (whose snapshot may predate the
+        # row it announces) asks for the next claim.
+        self._overdue = not wakeups.claim
+        wakeups.claim = wakeups.overdue = False
+        if self._overdue and not self.limits_active:
+            requests = queue.claim_overdue(limit, ctx.settings.lease_grace_s)
+        else:
+            self._claimed_since_poll |= not self._overdue
+            requests = queue.claim(limit, ctx.settings.lease_grace_s, limited=self.limits_active,
+                                   slots=self.concurrency_limited, overdue_only=self._overdue)
         if self.limits_active and len(requests) < limit:
             due_s = queue.limits_due_s()
             if due_s is not None:
@@ -87,8 +110,12 @@ class Claimer:
 
     def share_load(self, queue: Queue, now: float) -> None:
         """After the claimed requests went to curl: a full batch means more are probably waiting,
-        so claim again as slots free up; a busy worker wakes the others to share the load."""
-        self.ctx.wakeups.claim = self._full
+        so claim again as slots free up; a busy worker wakes the others to share the load (not for
+        the safety poll's claim: a wake would take new rows)."""
+        if self._overdue:
+            self.ctx.wakeups.overdue |= self._full
+            return
+        self.ctx.wakeups.claim |= self._full
         if self._full or self.driver.inflight >= self.ctx.settings.max_inflight // 2:
             self.ask_for_help(queue, now)
 

@@ -22,6 +22,10 @@ class Wakeups:
 
     # Look for claimable requests (a wake NOTIFY, a full claim, a freed slot, a due retry).
     claim: bool = True
+    # The safety poll: claim only what no wake announces (expired leases, due retries).
+    overdue: bool = False
+    # A wake from a request function or net.wake(): look for expired responses too, as pg_net.
+    expiry: bool = False
     # net.worker_restart(): open a new database session.
     restart: bool = False
     # SIGHUP: read pg_net's settings again (and say what they are).
@@ -49,6 +53,9 @@ class WorkerContext:
         "claimed": 0, "written": 0, "lease_lost": 0, "reclaimed": 0, "reconnects": 0, "retries": 0})
     # Draining: claim nothing more.
     stopping: bool = False
+    # Moving to the database pg_net.database_name names: claim nothing until what is in flight
+    # here is answered (and written here).
+    holding: bool = False
 
     @classmethod
     def create(cls, settings: Settings, index: int, run_id: str | None, database: str) -> "WorkerContext":

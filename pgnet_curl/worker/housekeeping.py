@@ -1,4 +1,4 @@
-"""Housekeeping: the schema and pg_net.* settings check, signing key and limit refresh, the TTL sweep,
+"""Housekeeping: the schema and pg_net.* settings check, signing key and limit refresh, the TTL passes,
 and the safety poll."""
 
 from __future__ import annotations
@@ -7,10 +7,11 @@ import logging
 from typing import Callable
 
 from .. import schema
-from ..errors import PgnetCurlError, SchemaError
+from ..errors import DatabaseUnavailable, PgnetCurlError, SchemaError
 from ..queue import Queue
 from .claimer import Claimer
 from .context import WorkerContext
+from .expiry import Expiry
 from .outcome import Outcome
 from .session import Session
 
@@ -22,8 +23,8 @@ _SCHEMA_VERSION = schema.latest_version()
 SCHEMA_WAIT_CHECK_S = 0.5
 # Signing keys are read again this often, besides on their NOTIFY and at connect.
 _SIGNING_KEYS_REFRESH_S = 60.0
-# TTL sweep: at most this many delete statements per sweep, so a sweep never stalls the loop.
-_TTL_SWEEP_MAX_STATEMENTS = 10
+# Token buckets that are full again (and slots of dead workers) are forgotten this often.
+_IDLE_BUCKETS_EVERY_S = 30.0
 
 
 class Housekeeping:
@@ -39,15 +40,17 @@ class Housekeeping:
         self.outcome = outcome
         self.claimer = claimer
         self._follow_schema = follow_schema
-        self.next_poll_s = self.next_check_s = self.next_ttl_sweep_s = self._next_keys_s = 0.0
+        self.expiry = Expiry(ctx)
+        self.next_poll_s = self.next_check_s = self._next_keys_s = self._next_buckets_s = 0.0
         # The outdated schema version last reported, so that it is reported once.
         self._outdated_seen: int | None = None
+        # A schema net this worker cannot read (not pgnet-curl's) was reported.
+        self._unreadable_seen = False
         self._limits_written_oid: int | None = None
 
     def start(self, now: float) -> None:
         self.next_poll_s = now + self.ctx.settings.poll_interval_s
         self.next_check_s = now + self.ctx.settings.settings_refresh_s
-        self.next_ttl_sweep_s = now
 
     def first_reads(self, queue: Queue) -> int | None:
         """On a new connection: settings, the schema's oid (None: wait for it), keys and limits."""
@@ -91,6 +94,16 @@ class Housekeeping:
             installed = schema.installed_version(queue.conn)
         except SchemaError:
             return None  # dropped again since the check: wait for the next install
+        except DatabaseUnavailable:
+            raise
+        except PgnetCurlError as exc:
+            # Tables of that name this role may not read (another extension's): not ours, wait.
+            if not self._unreadable_seen:
+                self._unreadable_seen = True
+                log.warning("worker %d: schema net is not a pgnet-curl install this role can read (%s); waiting",
+                            self.ctx.index, exc)
+            return None
+        self._unreadable_seen = False
         if installed is not None and installed >= _SCHEMA_VERSION:
             self._outdated_seen = None
             return queue_oid
@@ -112,9 +125,12 @@ class Housekeeping:
         """The next time run() has something to do (while connected)."""
         if self.ctx.wakeups.check:
             return 0.0
+        due_s = min(self.next_poll_s, self.next_check_s)
         if self.session.serving:
-            return min(self.next_poll_s, self.next_check_s, self.next_ttl_sweep_s)
-        return min(self.next_poll_s, self.next_check_s)
+            expiry_s = self.expiry.due_s()
+            if expiry_s is not None:
+                due_s = min(due_s, expiry_s)
+        return due_s
 
     def run(self, now: float) -> None:
         """Do what is due; raise PgnetCurlError if the database fails meanwhile."""
@@ -128,10 +144,14 @@ class Housekeeping:
             return
         queue = self.session.queue
         if now >= self.next_poll_s:
-            wakeups.claim = True
+            # What no wake announces: leases that expired, retries that are due (not new rows).
+            # A wake's claim since the last poll took those too.
+            if not self.claimer.take_claimed_since_poll():
+                wakeups.overdue = True
             self.next_poll_s = now + self.ctx.settings.poll_interval_s
             if self.ctx.index == 1:
                 self._sample_queue(queue)
+        limits_changed = wakeups.limits
         if wakeups.keys or now >= self._next_keys_s:
             # Also a safety net under the NOTIFYs of key and limit changes.
             wakeups.limits = True
@@ -140,11 +160,18 @@ class Housekeeping:
             self.outcome.signing_keys = queue.signing_keys()
         if wakeups.limits:
             wakeups.limits = False
+            before = (self.claimer.limits_active, self.claimer.concurrency_limited)
             self.claimer.limits_active, self.claimer.concurrency_limited = queue.limits_active()
-            wakeups.claim = True
-        if now >= self.next_ttl_sweep_s:
-            self._sweep_expired(queue)
-            self.next_ttl_sweep_s = now + self.ctx.settings.ttl_sweep_interval_s
+            # Changed limits may let held-back requests go; a refresh that finds none is no wake.
+            if limits_changed or before != (self.claimer.limits_active, self.claimer.concurrency_limited):
+                wakeups.claim = True
+        if wakeups.expiry:
+            wakeups.expiry = False
+            self.expiry.woken()
+        self.expiry.run(queue, now)
+        if self.claimer.limits_active and now >= self._next_buckets_s:
+            self._next_buckets_s = now + _IDLE_BUCKETS_EVERY_S
+            queue.delete_idle_buckets()
 
     def write_flag_limits(self) -> None:
         """Worker 1 writes serve's --destination-limit rows into each schema it serves (a
@@ -166,17 +193,3 @@ class Housekeeping:
         depth, oldest_age_s = queue.sample()
         self.ctx.metrics.queue_depth.set(depth)
         self.ctx.metrics.queue_oldest_pending_seconds.set(oldest_age_s or 0.0)
-
-    def _sweep_expired(self, queue: Queue) -> None:
-        settings = self.ctx.settings
-        ttl_s = settings.ttl.total_seconds()
-        for _ in range(_TTL_SWEEP_MAX_STATEMENTS):
-            deleted = queue.delete_expired(ttl_s, settings.ttl_sweep_rows)
-            self.ctx.metrics.responses_expired_total.inc(deleted)
-            if deleted < settings.ttl_sweep_rows:
-                break
-        for _ in range(_TTL_SWEEP_MAX_STATEMENTS):
-            if queue.delete_expired_archive(ttl_s, settings.ttl_sweep_rows) < settings.ttl_sweep_rows:
-                break
-        if self.claimer.limits_active:
-            queue.delete_idle_buckets()

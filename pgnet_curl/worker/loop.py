@@ -108,6 +108,9 @@ class Worker:
                 if pending:
                     self.writeback.flush(self.session.queue, everything=True)
                 released = self.session.queue.release([request.id for request in unfinished])
+                if released:
+                    # Unleased rows look new, and new rows wait for a wake: give one.
+                    self.session.queue.ask_for_help()
                 if unfinished:
                     log.warning("worker %d released %d unfinished requests to the queue", self.ctx.index, released)
             except PgnetCurlError as exc:
@@ -221,6 +224,9 @@ class Worker:
             deadlines.append(self.session.reconnect_at_s)
         else:
             deadlines.append(self.housekeeping.due_s())
+            lifecycle_s = self.lifecycle.due_s()
+            if lifecycle_s is not None:
+                deadlines.append(lifecycle_s)
             if self.session.serving and self.claimer.ready():
                 deadlines.append(now)
         if self.ctx.stopping:
@@ -239,8 +245,9 @@ class Worker:
             self._guarded(self.lifecycle.flush, False)
 
     def _periodic(self, now: float) -> None:
-        if self.ctx.wakeups.restart:
-            self.lifecycle.restart()
+        due_s = self.lifecycle.due_s()
+        if due_s is not None and now >= due_s:
+            self.lifecycle.act(now)
             if not self.session.connected:
                 return
         self.claimer.wake_if_due(now)

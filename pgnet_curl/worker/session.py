@@ -22,6 +22,10 @@ log = logging.getLogger("pgnet_curl.worker")
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.1, 10.0
 # While the database refuses writes, say so at most this often.
 _REFUSAL_LOG_INTERVAL_S = 30.0
+# A session ended by pg_terminate_backend() (or a server shutdown) is opened again after this,
+# as pg_net's worker restarts after its restart delay: monitoring sees the worker go and return.
+TERMINATED_RECONNECT_S = 1.0
+ADMIN_SHUTDOWN = "57P01"
 
 
 class Session:
@@ -35,7 +39,11 @@ class Session:
         self.application_name = f"pgnet-curl worker {ctx.index}"
         self.conn: psycopg.Connection | None = None
         self.queue: Queue | None = None
+        # Where the session goes: the DSN's database and role, or pg_net's (worker/target.py).
+        self.dsn = ctx.settings.dsn
         self.backend_pid = 0
+        # The server said it ends this session (SQLSTATE 57P01), before closing it.
+        self._terminated = False
         self._fd = -1
         self.reconnect_at_s = 0.0
         self._reconnect_delay_s = RECONNECT_MIN_S
@@ -63,12 +71,20 @@ class Session:
         settings in between, and abandon()s the connection if that fails.
         """
         try:
-            conn = db.connect(self.ctx.settings.dsn, self.application_name, listen=True,
-                              synchronous_commit=self.ctx.settings.synchronous_commit,
-                              connection_class=ServicedConnection)
+            return self.connect_to(self.dsn)
         except PgnetCurlError as exc:
             self.schedule_reconnect(exc)
             return None
+
+    def connect_to(self, dsn: str) -> Queue:
+        """Open a LISTENing connection to dsn, not yet the session's; raise PgnetCurlError.
+
+        Its NOTIFYs are handled from the LISTEN on: one that arrives during the first reads (a
+        net.worker_restart() after they read the settings) is not lost.
+        """
+        conn = db.connect(dsn, self.application_name, listen=True, on_notify=self._on_notify,
+                          synchronous_commit=self.ctx.settings.synchronous_commit,
+                          connection_class=ServicedConnection)
         conn.service = self._service
         return Queue(conn, self.ctx.owner)
 
@@ -79,8 +95,9 @@ class Session:
     def adopt(self, queue: Queue) -> None:
         """Make an opened connection the session's: watched, counted, its NOTIFYs handled."""
         conn = queue.conn
-        conn.add_notify_handler(self._on_notify)
+        conn.add_notice_handler(self._on_notice)
         self.conn, self.queue = conn, queue
+        self._terminated = False
         self.backend_pid = conn.info.backend_pid
         self._fd = conn.fileno()
         self._poller.watch(self._fd, select.POLLIN, DB)
@@ -110,11 +127,14 @@ class Session:
                 return  # our own call for help
             # A committed request wakes one worker of the N, chosen by the sender's backend pid,
             # so the others run no claim that finds nothing. A worker with more than it can take
-            # sends 'help', and every worker claims; the safety poll covers a designated worker
-            # that is down.
+            # sends 'help', and every worker claims. A designated worker that is down claims when
+            # it is back (a reconnect is a wake); when one dies the supervisor wakes the others.
+            # A wake (not 'help') also has the TTL passes look for expired responses, as pg_net's.
             workers = self.ctx.settings.workers
-            if notify.payload == "help" or workers == 1 or notify.pid % workers == self.ctx.index - 1:
+            if notify.payload == "help":
                 wakeups.claim = True
+            elif workers == 1 or notify.pid % workers == self.ctx.index - 1:
+                wakeups.claim = wakeups.expiry = True
         elif notify.channel == db.CONTROL_CHANNEL:
             if notify.payload == "restart":
                 wakeups.restart = True
@@ -125,7 +145,20 @@ class Session:
             elif notify.payload == "destination_limits":
                 wakeups.limits = True
 
+    def _on_notice(self, diagnostic: psycopg.errors.Diagnostic) -> None:
+        # libpq hands an error that arrives between statements (the FATAL a terminated backend
+        # sends before closing) to the notice processor.
+        if diagnostic.sqlstate == ADMIN_SHUTDOWN:
+            self._terminated = True
+
     def schedule_reconnect(self, exc: PgnetCurlError) -> None:
+        if self._terminated or getattr(exc, "sqlstate", None) == ADMIN_SHUTDOWN:
+            self._terminated = False
+            self._reconnect_delay_s = RECONNECT_MIN_S
+            log.warning("worker %d: the database ended its session (pg_terminate_backend or a shutdown); "
+                        "reconnecting in %.1f s", self.ctx.index, TERMINATED_RECONNECT_S)
+            self.reconnect_at_s = time.monotonic() + TERMINATED_RECONNECT_S
+            return
         log.warning("worker %d: %s; retrying in %.1f s", self.ctx.index, exc, self._next_attempt())
 
     def _next_attempt(self) -> float:

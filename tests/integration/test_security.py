@@ -81,7 +81,6 @@ def test_public_holds_only_what_pg_net_code_uses(db, make_role):
             "insert into net._http_response(id, status_code) values (1, 200)",
             "select * from net._schema_migrations",
             "select nextval('net.http_request_queue_id_seq')",
-            "select net.worker_restart()",
             "select net._queue_request('GET', 'http://127.0.0.1:9/', '{}', '{}', null, 100)",
             "create table net.mine(id int)",
         ):
@@ -207,13 +206,18 @@ def test_install_tightens_the_grants_of_an_older_install(db_dsn, db, make_role):
     assert table_privileges(db, name) == SHARED_PUBLIC
 
 
-def test_worker_restart_is_for_the_owner_and_roles_granted_it(db, make_role):
-    name, dsn = make_role()
+def test_worker_restart_is_for_every_role_as_in_pg_net(db_dsn, db, make_role):
+    """pg_net lets any role call it (issue 17); private mode: members of pgnet_user, not others."""
+    _, dsn = make_role()
     with connect_as(dsn) as conn:
-        with pytest.raises(errors.InsufficientPrivilege):
-            conn.execute("select net.worker_restart()")
-        db.execute(sql.SQL("grant execute on function net.worker_restart() to {}").format(sql.Identifier(name)))
         assert conn.execute("select net.worker_restart()").fetchone() == (False,)
+    schema.install(db_dsn, private=True)
+    _, member_dsn = make_role("pgnet_user")
+    _, other_dsn = make_role()
+    with connect_as(member_dsn) as conn:
+        assert conn.execute("select net.worker_restart()").fetchone() == (False,)
+    with connect_as(other_dsn) as conn, pytest.raises(errors.InsufficientPrivilege):
+        conn.execute("select net.worker_restart()")
 
 
 def test_worker_can_check_that_the_worker_is_up_as_any_role(db, make_role, worker_dsn, serve):
@@ -250,5 +254,6 @@ def test_private_mode_gives_members_no_worker_function(db_dsn, db):
         """select p.proname from pg_proc p where p.pronamespace = 'net'::regnamespace
            and has_function_privilege('pgnet_user', p.oid, 'EXECUTE')""").fetchall()}
     assert {"http_get", "http_post", "http_delete", "http_request", "retry_request"} <= granted
-    assert not granted & {"worker_restart", "rotate_signing_key", "_run_callbacks", "_claim_limited",
+    assert "worker_restart" in granted  # as pg_net lets every role call it
+    assert not granted & {"rotate_signing_key", "_run_callbacks", "_claim_limited",
                           "_destination_limits_due_s", "_destination_limits_for", "_apply_privileges"}

@@ -240,18 +240,6 @@ def test_check_worker_is_up_follows_the_service(db, db_dsn, serve):
         db.execute("select net.check_worker_is_up()")
 
 
-def test_rows_inserted_directly_are_claimed_within_a_second(db, db_dsn, serve, http_server):
-    """No request function, so no NOTIFY of ours: the queue's insert trigger wakes a worker."""
-    serve(db_dsn, "--poll-interval", "60", workers=2)  # the safety poll cannot be what finds them
-    for attempt in range(3):
-        started_s = time.monotonic()
-        request_id = db.execute(
-            "insert into net.http_request_queue(method, url, headers, timeout_milliseconds) "
-            "values ('GET', %s, '{}', 5000) returning id", (http_server.url_for("/echo"),)).fetchone()[0]
-        assert wait_for_row(db, request_id, timeout_s=5)["status_code"] == 200
-        assert time.monotonic() - started_s < 1.0, f"insert {attempt + 1} waited for a poll"
-
-
 def test_bad_dsn_exits_with_code_3(empty_db_dsn):
     """A missing schema is waited for (tests/integration/test_lifecycle.py); a bad DSN is an error."""
     bad = ServeProcess("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")

@@ -33,9 +33,9 @@ def test_install_script_creates_logged_tables_and_converts_only_when_asked():
         assert f"alter table {table} set %s', 'unlogged'" in schema.install_script(durable=False)
 
 
-def test_both_claims_return_the_same_columns():
+def test_every_claim_returns_the_same_columns():
     from pgnet_curl.queue import queries
 
     def returning(name):
         return queries()[name].split("returning", 1)[1].split()
-    assert returning("claim") == returning("claim_limited")
+    assert returning("claim") == returning("claim_limited") == returning("claim_overdue")
