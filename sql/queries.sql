@@ -102,11 +102,13 @@ with r as (
            (e ->> 10)::float8 as retry_in_ms, (e ->> 11)::bool as failed
     from jsonb_array_elements(%(rows)s::jsonb) as e
 ), rescheduled as (
+    -- `q.id = any(array(...))` keeps the update on the primary key: a join alone seq-scans the queue.
     update net.http_request_queue q
     set lease_owner = null, lease_expires_at = null, attempts = 0, retries = q.retries + 1,
         not_before = clock_timestamp() + make_interval(secs => r.retry_in_ms / 1000.0)
     from r
-    where q.id = r.id and r.retry_in_ms is not null and q.lease_owner = %(owner)s
+    where q.id = any(array(select id from r where retry_in_ms is not null))
+      and q.id = r.id and r.retry_in_ms is not null and q.lease_owner = %(owner)s
     returning q.id
 ), unleased as (
     -- The per-destination concurrency these requests held (sql/0008_destination_limits.sql).
@@ -133,16 +135,16 @@ with r as (
     on conflict (id) do nothing
     returning id
 ), notified as (
-    select pg_notify(channel, s.id::text)
-    from stored s
-    join done d on d.id = s.id
-    cross join lateral (select coalesce(d.options ->> 'notify_channel', %(notify_channel)s::text) as channel) c
-    where channel is not null
+    -- Rows without a channel are passed over first; the stored ones are found by an array test,
+    -- not a join the planner may run as a nested loop over the two CTEs.
+    select pg_notify(c.channel, c.id::text)
+    from (select d.id, coalesce(d.options ->> 'notify_channel', %(notify_channel)s::text) as channel from done d) c
+    where c.channel is not null and c.id = any(array(select id from stored))
 )
 select (select count(*) from stored) + (select count(*) from rescheduled),
        (select count(*) from notified),
-       (select jsonb_agg(jsonb_build_array(s.id, (d.options ->> 'callback')::oid, d.requested_by))
-        from stored s join done d on d.id = s.id where d.options ? 'callback');
+       (select jsonb_agg(jsonb_build_array(d.id, (d.options ->> 'callback')::oid, d.requested_by))
+        from done d where d.options ? 'callback' and d.id = any(array(select id from stored)));
 
 -- name: run_callbacks
 -- Run the SQL callbacks of responses just stored, in the write-back's transaction.
