@@ -190,8 +190,10 @@ def test_a_row_inserted_directly_waits_for_a_wake_and_the_poll_takes_only_overdu
 # ---- 5. pg_net.database_name and pg_net.username -------------------------------------------
 
 def worker_places(pg_server) -> list[tuple[str, str]]:
+    """(database, role) of each worker session; one still authenticating shows as ('', '')."""
     with pg_server.admin() as admin:
-        return sorted(admin.execute(f"select datname, usename from pg_stat_activity where {WORKERS}").fetchall())
+        return sorted(admin.execute(f"select coalesce(datname, ''), coalesce(usename, '') from pg_stat_activity "
+                                    f"where {WORKERS}").fetchall())
 
 
 def test_pg_net_database_name_and_username_are_followed_at_each_restart(db, db_dsn, serve, pg_server, make_role,
