@@ -38,4 +38,5 @@ def test_every_claim_returns_the_same_columns():
 
     def returning(name):
         return queries()[name].split("returning", 1)[1].split()
-    assert returning("claim") == returning("claim_limited") == returning("claim_overdue")
+    assert (returning("claim") == returning("claim_limited") == returning("claim_overdue")
+            == returning("claim_circuits") == returning("claim_probes"))
