@@ -1,5 +1,5 @@
 """The circuit breaker's part in a worker: per-host failure counts in memory, the circuits the
-database says are open, and at most one request at a time to a host that has failed twice in a row
+database says are open, and at most one request at a time to a host whose last request failed
 (so that a host that goes down gets about N attempts before its circuit opens, not a batch).
 
 A successful request to a healthy host costs a couple of attribute reads here: a URL is parsed
@@ -19,8 +19,8 @@ from .context import WorkerContext
 
 # A probe found nothing to send (no request to the host is queued): look again this much later.
 _PROBE_RECHECK_S = 1.0
-# Consecutive failures after which a worker sends a host one request at a time.
-_GATE_AFTER_FAILURES = 2
+# Consecutive failures after which a worker sends a host one request at a time, until one succeeds.
+_GATE_AFTER_FAILURES = 1
 _STATES = ("closed", "open", "half_open")
 
 
