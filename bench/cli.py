@@ -99,6 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-key", type=int, default=10, help="requests per key (default 10)")
     p.add_argument("--single", type=int, default=1_000, help="requests of the one-key run (default 1,000)")
     p.add_argument("--delay-ms", type=int, default=1, help="its receiver's answer delay (default 1 ms)")
+    p.add_argument("--rounds", type=int, default=3, help="unordered / ordered pairs, alternating (default 3)")
     p = sub.add_parser("circuit", parents=common,
                        help="a destination down for a while under load: what reaches it, the other host's latency")
     p.add_argument("--rate", type=float, default=500.0, help="requests per second to each host (default 500)")
@@ -135,7 +136,7 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, callable]]:
         "drain": lambda b: scenarios.drain(b, args.requests),
         "limits": lambda b: scenarios.limits(b, args.requests, args.backlog, args.rate, args.burst),
         "faults": lambda b: scenarios.faults(b, args.rate, args.steady_s),
-        "ordering": lambda b: ordering.ordering(b, args.keys, args.per_key, args.single, args.delay_ms),
+        "ordering": lambda b: ordering.ordering(b, args.keys, args.per_key, args.single, args.delay_ms, args.rounds),
         "circuit": lambda b: circuit.circuit(b, args.rate, args.duration, args.down_at, args.down_for),
     }
     names = ["throughput", "sustained", "trickle", "head-of-line"] if args.scenario == "all" else [args.scenario]

@@ -11,6 +11,7 @@ at the receiver, and the pace of one key alone.
 from __future__ import annotations
 
 import re
+import statistics
 
 from .context import Bench, cpu_figures, make_result, response_check
 from .measure import Progress, Visibility, now_s, wait_for_rows
@@ -24,41 +25,50 @@ _LOGGED = re.compile(r"k=(\d+)&n=(\d+)")
 POLL_S = 0.005
 
 
-def ordering(bench: Bench, keys: int, per_key: int, single: int, delay_ms: int) -> dict:
+_MEDIANS = ("rate_per_s", "commit_to_all_visible_s", "cpu_us_per_request", "worker_process_cpu_us_per_request",
+            "worker_backend_cpu_us_per_request", "other_processes_cpu_pct")
+
+
+def ordering(bench: Bench, keys: int, per_key: int, single: int, delay_ms: int, rounds: int = 1) -> dict:
     requests = keys * per_key
-    runs = {}
-    for label, ordered in (("unordered", False), ("ordered", True)):
-        runs[label] = _burst(bench, requests, keys, ordered)
-    single_figures = _one_key(bench, single, delay_ms)
-    plain, keyed = runs["unordered"], runs["ordered"]
+    runs: dict[str, list[dict]] = {"unordered": [], "ordered": []}
+    # Alternated, as bench compare does: the machine's other load falls on both sides alike.
+    for round_no in range(1, rounds + 1):
+        for label, ordered in (("unordered", False), ("ordered", True)):
+            runs[label].append(_burst(bench, requests, keys, ordered, f"{label}-{round_no}"))
+    single_figures = _one_key(bench, single, delay_ms) if single else {}
+    medians = {label: {name: statistics.median(run[name] for run in done) for name in _MEDIANS}
+               for label, done in runs.items()}
+    plain, keyed = medians["unordered"], medians["ordered"]
     figures = {
-        "requests": requests, "keys": keys,
-        **{f"{label}_{name}": run[name] for label, run in runs.items()
-           for name in ("rate_per_s", "commit_to_all_visible_s", "cpu_us_per_request",
-                        "worker_process_cpu_us_per_request", "worker_backend_cpu_us_per_request",
-                        "responses_2xx", "other_processes_cpu_pct")},
+        "requests": requests, "keys": keys, "rounds": rounds,
+        **{f"{label}_{name}": value for label, run in medians.items() for name, value in run.items()},
+        **{f"{label}_rates_per_s": [run["rate_per_s"] for run in done] for label, done in runs.items()},
         "ordered_rate_vs_unordered": round(keyed["rate_per_s"] / plain["rate_per_s"], 3),
         "ordered_cpu_vs_unordered": round(keyed["cpu_us_per_request"] / plain["cpu_us_per_request"], 3),
-        "arrivals_logged": keyed["arrivals"],
-        "keys_out_of_order": keyed["keys_out_of_order"],
-        "requests_out_of_order": keyed["requests_out_of_order"],
+        "responses_2xx": min(run["responses_2xx"] for done in runs.values() for run in done),
+        "arrivals_logged": sum(run["arrivals"] for run in runs["ordered"]),
+        "keys_out_of_order": sum(run["keys_out_of_order"] for run in runs["ordered"]),
+        "requests_out_of_order": sum(run["requests_out_of_order"] for run in runs["ordered"]),
         **single_figures,
     }
-    notes = [f"{requests:,} net.http_request() calls in one statement and one COMMIT (request i to key i % {keys:,}, "
+    notes = [f"{rounds} round(s), unordered and ordered alternating; figures are medians. "
+             f"{requests:,} net.http_request() calls in one statement and one COMMIT (request i to key i % {keys:,}, "
              f"so ids follow each key's order), to an nginx (1 worker) logging each request URI as it answers; "
              f"commit -> all visible, cold start. Unordered: the same calls without ordering_key.",
              "Order: for each key, the n of its requests (n = i, so id order) in the receiver's log order; "
              "a key is out of order when one n is below an earlier one.",
              f"One key: {single:,} requests with one ordering_key to the Python test server's /delay/{delay_ms}; "
              f"commit -> all visible, and the responses' stored order."]
-    return make_result("ordering", {"keys": keys, "per_key": per_key, "single": single, "delay_ms": delay_ms},
+    return make_result("ordering", {"keys": keys, "per_key": per_key, "single": single, "delay_ms": delay_ms,
+                                    "rounds": rounds},
                        figures, {}, notes)
 
 
-def _burst(bench: Bench, requests: int, keys: int, ordered: bool) -> dict:
+def _burst(bench: Bench, requests: int, keys: int, ordered: bool, name: str) -> dict:
     """Commit `requests` at once (ordered or not) to a logging nginx; throughput, CPU, arrival order."""
     bench.db.reset()
-    target = NginxTarget(bench.work_dir, name=f"nginx-{'ordered' if ordered else 'unordered'}", log_requests=True)
+    target = NginxTarget(bench.work_dir, name=f"nginx-{name}", log_requests=True)
     target.start()
     try:
         with (bench.serving() as serve, bench.db.connect(autocommit=False) as enqueue_conn,
