@@ -116,9 +116,10 @@ $$;
 -- stored (the arrays, one element per head: the role it was made for, its key, its id, the id of
 -- its first request if it is a replay (else its id), whether it failed). Each key's next request
 -- in line moves into the queue; with halt, a failed (dead-lettered) head halts its key instead; a
--- key with nothing visible in line turns idle (a worker looks again: a request may have joined in
--- a transaction this statement cannot see yet). Returns {requests let into the queue, keys turned
--- idle, keys halted}. Runs as the owner: the worker may not insert into the queue itself.
+-- key with nothing visible in line is forgotten, unless a caller is adding to it or a request
+-- joined its line since (then it stays idle, and a worker looks again). Returns {requests let into
+-- the queue, keys left idle, keys halted}. Runs as the owner: the worker may not insert into the
+-- queue itself.
 drop function if exists net._ordering_advance(jsonb, bool);
 -- The key is compared with the default collation, whatever the call's (the parameters take the
 -- arguments' collation, "C" for a role name): otherwise no index of the key columns could be used.
@@ -133,6 +134,9 @@ as $$
 declare
     private_mode bool := (select o.private from net._install_options o);
     counts int[];
+    idle_owners name[];
+    idle_keys text[];
+    forgotten int;
 begin
     with f as (
         select case when private_mode then u.requested_by::name else ''::name end as key_owner,
@@ -170,11 +174,31 @@ begin
         set state = 'idle', changed_at = clock_timestamp()
         from nexts n
         where n.id is null and k.key_owner = n.key_owner and k.ordering_key = n.ordering_key and k.state = 'open'
-        returning k.ordering_key
+        returning k.key_owner, k.ordering_key
     )
     select array[(select count(*) from released)::int, (select count(*) from idled)::int,
-                 (select count(*) from halted)::int]
-    into counts;
+                 (select count(*) from halted)::int],
+           (select array_agg(key_owner) from idled), (select array_agg(ordering_key) from idled)
+    into counts, idle_owners, idle_keys;
+    if counts[2] > 0 then
+        -- Forget the keys that turned idle now, rather than one by one later: those no caller holds
+        -- (FOR KEY SHARE) and, in a fresh snapshot taken under that lock, with nothing in line.
+        select coalesce(array_agg(l.key_owner), '{}'), coalesce(array_agg(l.ordering_key), '{}')
+        into idle_owners, idle_keys
+        from (select k.key_owner, k.ordering_key
+              from net._ordering_keys k
+              join unnest(idle_owners, idle_keys) as u(key_owner, ordering_key)
+                on k.key_owner = u.key_owner and k.ordering_key = u.ordering_key collate "default"
+              where k.state = 'idle'
+              for update of k skip locked) l;
+        delete from net._ordering_keys k
+        using unnest(idle_owners, idle_keys) as u(key_owner, ordering_key)
+        where k.key_owner = u.key_owner and k.ordering_key = u.ordering_key collate "default"
+          and not exists (select from net._ordered_requests o
+                          where o.key_owner = u.key_owner and o.ordering_key = u.ordering_key collate "default");
+        get diagnostics forgotten = row_count;
+        counts[2] := counts[2] - forgotten;
+    end if;
     return counts;
 end
 $$;
