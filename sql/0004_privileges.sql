@@ -137,8 +137,7 @@ begin
         if to_regclass('net._destination_circuits') is not null then
             grant select, insert, update, delete on net._destination_circuits to pgnet_worker;
             grant select on net._ordering_keys to pgnet_worker;
-            grant execute on function net._url_host(text), net._circuit_held_hosts(),
-                net._claim_circuits(text, int, float8), net._claim_probes(text, float8),
+            grant execute on function net._url_host(text), net._circuit_held_hosts(), net._claim_probes(text, float8),
                 net._ordering_advance(text[], text[], bigint[], bigint[], bool[], bool), net._ordering_release_idle(int, bool) to pgnet_worker;
         end if;
     end if;
@@ -161,7 +160,7 @@ begin
             select p.oid::regprocedure as signature from pg_proc p
             where p.pronamespace = 'net'::regnamespace
               and p.proname in ('_claim_limited', '_destination_limits_due_s', '_destination_limits_for',
-                                '_circuit_held_hosts', '_claim_circuits', '_claim_probes', '_ordering_advance',
+                                '_circuit_held_hosts', '_claim_probes', '_ordering_advance',
                                 '_ordering_release_idle')
         loop
             execute format('revoke execute on function %s from pgnet_user', fn.signature);

@@ -292,53 +292,7 @@ as $$
     select coalesce(array_agg(c.host), '{}') from net._destination_circuits c where c.state <> 'closed'
 $$;
 
--- The claim while some circuit is open (sql/queries.sql: claim_circuits): up to max_rows
--- claimable requests, oldest first, to hosts whose circuit is closed. Requests to held hosts met
--- on the way are parked (held in the queue: lease_owner 'circuit <host>', lease_expires_at
--- infinity; attempts, not_before, retries and timeout untouched), so that no later claim parses
--- their URL again; closing the circuit gives them back. Returns the ids to lease.
-create or replace function net._claim_circuits(owner text, max_rows int, grace_s float8)
-    returns bigint[]
-    language plpgsql
-    volatile
-    set search_path = pg_catalog, pg_temp
-as $$
-declare
-    held text[] := net._circuit_held_hosts();
-    taken bigint[] := '{}';
-    after_id bigint := 0;
-    candidate_ids bigint[];
-    candidate_hosts text[];
-    wanted int;
-begin
-    for round in 1..3 loop
-        wanted := max_rows - cardinality(taken);
-        select coalesce(array_agg(c.id order by c.id), '{}'), coalesce(array_agg(c.host order by c.id), '{}')
-        into candidate_ids, candidate_hosts
-        from (
-            select q.id, coalesce(net._url_host(q.url), '') as host
-            from net.http_request_queue q
-            where (q.lease_expires_at is null or q.lease_expires_at < clock_timestamp())
-              and (q.not_before is null or q.not_before <= clock_timestamp())
-              and q.id > after_id
-            order by q.id
-            limit wanted
-            for update skip locked
-        ) c;
-        exit when cardinality(candidate_ids) = 0;
-        after_id := candidate_ids[cardinality(candidate_ids)];
-        update net.http_request_queue q
-        set lease_owner = 'circuit ' || u.host, lease_expires_at = 'infinity'
-        from unnest(candidate_ids, candidate_hosts) as u(id, host)
-        where q.id = u.id and u.host = any(held);
-        taken := taken || array(select u.id from unnest(candidate_ids, candidate_hosts) as u(id, host)
-                                where u.host <> all(held) order by u.id);
-        -- Done when full, or when the queue had no more (then another round finds nothing).
-        exit when cardinality(taken) >= max_rows or cardinality(candidate_ids) < wanted;
-    end loop;
-    return taken;
-end
-$$;
+drop function if exists net._claim_circuits(text, int, float8);
 
 -- The probes (sql/queries.sql: claim_probes): for each circuit whose cool-down is over (or whose
 -- probe's worker died), its oldest held request, now half-open. Returns the ids to lease.

@@ -445,17 +445,39 @@ select (select count(*) from stored), (select counts from ordered);
 select net._ordering_release_idle(%(max_keys)s, %(sweep)s);
 
 -- name: claim_circuits
--- The claim while some circuit is open or half-open: claim's lease, on the rows
--- net._claim_circuits chooses (requests to those hosts are held; sql/0012_ordering_and_circuits.sql).
-update net.http_request_queue
+-- The claim while some circuit is open or half-open: claim's lease, on the oldest claimable rows
+-- whose host's circuit is not held. Rows of held hosts met on the way are parked (held in the
+-- queue: lease_owner 'circuit <host>', lease_expires_at infinity; attempts, not_before, retries
+-- and timeout untouched), so that no later claim looks at them again; closing the circuit gives
+-- them back (sql/0012_ordering_and_circuits.sql). A URL that cannot hold a held host's name
+-- (the LIKE patterns) is not parsed. Returns claim's columns (the worker reads both the same way).
+with held as (
+    select hosts, array(select '%%' || replace(replace(replace(h, '\', '\\'), '%%', '\%%'), '_', '\_') || '%%'
+                        from unnest(hosts) as h) as frags
+    from (select net._circuit_held_hosts() as hosts) s
+), candidates as (
+    select q.id, case when lower(q.url) like any(held.frags) then coalesce(net._url_host(q.url), '') else '' end as host
+    from net.http_request_queue q, held
+    where (q.lease_expires_at is null or q.lease_expires_at < clock_timestamp())
+      and (q.not_before is null or q.not_before <= clock_timestamp())
+    order by q.id
+    limit %(limit)s
+    for update of q skip locked
+), parked as (
+    update net.http_request_queue q
+    set lease_owner = 'circuit ' || c.host, lease_expires_at = 'infinity'
+    from candidates c, held
+    where q.id = c.id and c.host = any(held.hosts)
+)
+update net.http_request_queue q
 set lease_owner = %(owner)s,
     lease_expires_at = clock_timestamp()
-        + make_interval(secs => timeout_milliseconds / 1000.0 + %(grace_s)s),
-    attempts = attempts + 1
-where id = any((select net._claim_circuits(%(owner)s, %(limit)s, %(grace_s)s))::bigint[])
--- Exactly claim's columns: the worker reads both the same way.
-returning id, method, url, headers::text, body, timeout_milliseconds,
-          attempts, extract(epoch from created_at)::float8, retries, options::text, tableoid;
+        + make_interval(secs => q.timeout_milliseconds / 1000.0 + %(grace_s)s),
+    attempts = q.attempts + 1
+from candidates c, held
+where q.id = c.id and c.host <> all(held.hosts)
+returning q.id, q.method, q.url, q.headers::text, q.body, q.timeout_milliseconds,
+          q.attempts, extract(epoch from q.created_at)::float8, q.retries, q.options::text, q.tableoid;
 
 -- name: claim_probes
 -- One probe for each circuit whose cool-down is over: it turns half-open. Claim's columns.

@@ -1,6 +1,7 @@
 """The circuit breaker's part in a worker: per-host failure counts in memory, the circuits the
-database says are open, and at most one request at a time to a host whose last request failed
-(so that a host that goes down gets about N attempts before its circuit opens, not a batch).
+database says are open, and at most one request at a time to a host whose last request failed,
+each after the write-back of the failure before it (so that a host that goes down gets about N
+attempts before its circuit opens, not a batch).
 
 A successful request to a healthy host costs a couple of attribute reads here: a URL is parsed
 only while some host is failing or held (then `watching` is true).
@@ -32,6 +33,11 @@ class _Failing:
     last_failure_s: float
     # This worker's requests in flight to it (at most one, once it is failing).
     inflight: int = 0
+    # Its last failure is not written back yet: the database's count is behind; send nothing more.
+    unwritten: bool = False
+
+    def busy(self) -> bool:
+        return self.failures >= _GATE_AFTER_FAILURES and (self.inflight > 0 or self.unwritten)
 
 
 def is_host_failure(response: Response) -> bool:
@@ -58,6 +64,8 @@ class Circuits:
         self.resets: set[str] = set()
         # Claimed requests not to send: to hosts held now. Given back to the queue (no attempt counted).
         self.to_release: list[Request] = []
+        # Waiting requests that may go now (their host's last failure is written back).
+        self.ready: list[Request] = []
         # Per host, (request, when it began waiting) for requests claimed while one is in flight there.
         self._waiting: dict[str, list[tuple[Request, float]]] = {}
         self._inflight: dict[int, str] = {}
@@ -73,7 +81,7 @@ class Circuits:
 
     def take_waiting(self) -> list[Request]:
         """Draining: what waits for a failing host goes now (a held host's goes back to the queue)."""
-        requests = self.waiting()
+        requests = self.waiting() + self.take_ready()
         self._waiting.clear()
         return requests
 
@@ -82,6 +90,7 @@ class Circuits:
         self._waiting.clear()
         self._inflight.clear()
         self.to_release.clear()
+        self.ready.clear()
         self.failing.clear()
         self.held.clear()
         self.probe_due_s = None
@@ -97,7 +106,7 @@ class Circuits:
         failing = self.failing.get(host)
         if failing is None:
             return True
-        if failing.inflight and failing.failures >= _GATE_AFTER_FAILURES:
+        if failing.busy():
             self._waiting.setdefault(host, []).append((request, time.monotonic()))
             return False
         failing.inflight += 1
@@ -122,7 +131,7 @@ class Circuits:
                     self.failing[host] = failing = _Failing(0, now)
                 failing.failures += 1
                 failing.last_failure_s = now
-                ready.extend(self._next_waiting(host))
+                failing.unwritten = True
             elif self.failing:
                 host = host or url_host(request.url)
                 if self.failing.pop(host, None) is not None:
@@ -130,17 +139,26 @@ class Circuits:
                     ready.extend(request for request, _since_s in self._waiting.pop(host, ()))
         return ready
 
-    def _next_waiting(self, host: str) -> list[Request]:
-        """After a failure: the next request waiting for the host goes, unless its circuit is open."""
-        failing = self.failing.get(host)
-        waiting = self._waiting.get(host)
-        if not waiting or host in self.held or failing is None or (
-                failing.inflight and failing.failures >= _GATE_AFTER_FAILURES):
-            return []
-        request, _since_s = waiting.pop(0)
-        failing.inflight += 1
-        self._inflight[request.id] = host
-        return [request]
+    def written(self) -> None:
+        """A write-back ended: the failures it stored are counted; for each host not held now, the
+        next request waiting goes (to self.ready)."""
+        for host, failing in self.failing.items():
+            if not failing.unwritten:
+                continue
+            failing.unwritten = False
+            waiting = self._waiting.get(host)
+            if not waiting or host in self.held or failing.inflight:
+                continue
+            request, _since_s = waiting.pop(0)
+            if not waiting:
+                del self._waiting[host]
+            failing.inflight += 1
+            self._inflight[request.id] = host
+            self.ready.append(request)
+
+    def take_ready(self) -> list[Request]:
+        ready, self.ready = self.ready, []
+        return ready
 
     def on_state(self, rows: list[tuple], now: float) -> None:
         """Take the database's circuits (circuit_state): hold the open ones, watch the failing ones."""

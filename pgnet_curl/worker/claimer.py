@@ -162,6 +162,7 @@ class Claimer:
             self.idle_keys_due_s = now
             self.ctx.wakeups.claim = True
         self.circuits.opened(effects.opened, now)
+        self.circuits.written()
         for delay_ms in retry_delays_ms:
             heapq.heappush(self._due_s, now + delay_ms / 1000)
 

@@ -85,7 +85,7 @@ class Lifecycle:
         if not (self.session.connected and self.session.serving) or self.ctx.stats["reconnects"] == 0:
             return
         held = (self.driver.inflight_ids() + [response.id for response in self.writeback.pending]
-                + [request.id for request in self.claimer.circuits.waiting()])
+                + [request.id for request in self.claimer.circuits.waiting() + self.claimer.circuits.ready])
         try:
             released = self.session.queue.release_unheld(held)
         except PgnetCurlError as exc:

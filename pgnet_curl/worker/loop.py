@@ -107,7 +107,8 @@ class Worker:
         return time.monotonic() >= self._drain_deadline_s
 
     def _shutdown(self) -> None:
-        unfinished = self.driver.abort_all() + self.circuits.waiting() + self.circuits.to_release
+        unfinished = (self.driver.abort_all() + self.circuits.waiting() + self.circuits.take_ready()
+                      + self.circuits.to_release)
         pending = self.writeback.pending
         if self.session.connected and self.session.serving:
             try:
@@ -264,6 +265,8 @@ class Worker:
 
     def _claim(self, now: float) -> None:
         queue = self.session.queue
+        for request in self.circuits.take_ready():
+            self.driver.add(request)
         if self.circuits.to_release or self.circuits.resets:
             self._guarded(self.circuits.flush, queue)
             if not self.session.connected:

@@ -264,5 +264,5 @@ def test_private_mode_gives_members_no_worker_function(db_dsn, db):
     assert "worker_restart" in granted  # as pg_net lets every role call it
     assert not granted & {"rotate_signing_key", "_run_callbacks", "_claim_limited",
                           "_destination_limits_due_s", "_destination_limits_for", "_apply_privileges",
-                          "_circuit_held_hosts", "_claim_circuits", "_claim_probes", "_ordering_advance",
+                          "_circuit_held_hosts", "_claim_probes", "_ordering_advance",
                           "_ordering_release_idle"}
