@@ -140,11 +140,11 @@ class Queue:
                   "circuit_cooldown_s": circuit.cooldown_s, "circuit_cooldown_cap_s": circuit.cooldown_cap_s}
         with database_errors("writing responses"):
             if not any(r.request and r.request.callback_oid for r in responses):
-                written, _, _, counts, opened, closed = self.conn.execute(
+                written, _, _, counts, opened, closed, _ = self.conn.execute(
                     self._sql["write_back_delivery"], params).fetchone()
             else:
                 with self.conn.transaction():
-                    written, _, calls, counts, opened, closed = self.conn.execute(
+                    written, _, calls, counts, opened, closed, _ = self.conn.execute(
                         self._sql["write_back_delivery"], params).fetchone()
                     if calls:
                         self.conn.execute(self._sql["run_callbacks"], {"calls": json.dumps(calls)})
@@ -177,9 +177,9 @@ class Queue:
             self.conn.execute(self._sql["reset_circuits"], {"hosts": hosts})
 
     def unpark_requests(self) -> int:
-        """Give back requests held for circuits that are not open any more."""
+        """Move back into the queue the held requests of circuits that are not held any more."""
         with database_errors("giving back held requests"):
-            return self.conn.execute(self._sql["unpark_requests"]).rowcount
+            return self.conn.execute(self._sql["unpark_requests"]).fetchone()[0]
 
     def limits_active(self) -> tuple[bool, bool]:
         """Return whether net.destination_limits has any row, and any concurrency limit."""

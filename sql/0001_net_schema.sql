@@ -504,7 +504,8 @@ begin
 
     if rec is null then
         if exists (select 1 from net.http_request_queue q where q.id = request_id)
-           or exists (select 1 from net._ordered_requests o where o.id = request_id) then
+           or exists (select 1 from net._ordered_requests o where o.id = request_id)
+           or exists (select 1 from net._held_requests h where h.id = request_id) then
             return ('PENDING', 'request is pending processing', null)::net.http_response_result;
         end if;
         return ('ERROR', 'request matching request_id not found', null)::net.http_response_result;

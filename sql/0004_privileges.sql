@@ -137,7 +137,9 @@ begin
         if to_regclass('net._destination_circuits') is not null then
             grant select, insert, update, delete on net._destination_circuits to pgnet_worker;
             grant select on net._ordering_keys to pgnet_worker;
+            grant select, insert on net._held_requests to pgnet_worker;
             grant execute on function net._url_host(text), net._circuit_held_hosts(), net._claim_probes(text, float8),
+                net._circuit_release(text[]),
                 net._ordering_advance(text[], text[], bigint[], bigint[], bool[], bool), net._ordering_release_idle(int, bool) to pgnet_worker;
         end if;
     end if;
@@ -160,7 +162,7 @@ begin
             select p.oid::regprocedure as signature from pg_proc p
             where p.pronamespace = 'net'::regnamespace
               and p.proname in ('_claim_limited', '_destination_limits_due_s', '_destination_limits_for',
-                                '_circuit_held_hosts', '_claim_probes', '_ordering_advance',
+                                '_circuit_held_hosts', '_claim_probes', '_circuit_release', '_ordering_advance',
                                 '_ordering_release_idle')
         loop
             execute format('revoke execute on function %s from pgnet_user', fn.signature);
@@ -178,8 +180,10 @@ begin
             grant select, insert on net._ordered_requests to pgnet_user;
             grant select on net._install_options to pgnet_user;
             grant select on net.ordering_keys to pgnet_user;
+            grant select on net._held_requests to pgnet_user;
             alter table net._ordering_keys enable row level security;
             alter table net._ordered_requests enable row level security;
+            alter table net._held_requests enable row level security;
         end if;
         alter table net.http_request_queue enable row level security;
         alter table net._http_response enable row level security;
@@ -190,10 +194,12 @@ begin
         grant select, delete on net._http_response to public;
         grant select on net.failed_requests to public;
         if to_regclass('net._ordering_keys') is not null then
-            -- Requests waiting in line are pending requests, as visible as the queue's.
-            grant select on net._ordered_requests, net.ordering_keys, net.destination_status to public;
+            -- Requests waiting in line or held for a circuit are pending requests, as visible as the queue's.
+            grant select on net._ordered_requests, net._held_requests, net.ordering_keys, net.destination_status
+                to public;
             alter table net._ordering_keys disable row level security;
             alter table net._ordered_requests disable row level security;
+            alter table net._held_requests disable row level security;
         end if;
         alter table net.http_request_queue disable row level security;
         alter table net._http_response disable row level security;
@@ -217,6 +223,8 @@ begin
         drop policy if exists own_requests on net._ordered_requests;
         create policy own_requests on net._ordered_requests
             using (requested_by = current_user) with check (requested_by = current_user and key_owner = current_user);
+        drop policy if exists own_requests on net._held_requests;
+        create policy own_requests on net._held_requests using (requested_by = current_user);
     end if;
     if exists (select from pg_roles where rolname = 'pgnet_worker') then
         drop policy if exists worker_all on net.http_request_queue;
@@ -228,6 +236,8 @@ begin
         if to_regclass('net._ordering_keys') is not null then
             drop policy if exists worker_all on net._ordering_keys;
             create policy worker_all on net._ordering_keys to pgnet_worker using (true);
+            drop policy if exists worker_all on net._held_requests;
+            create policy worker_all on net._held_requests to pgnet_worker using (true) with check (true);
         end if;
     end if;
 end

@@ -7,10 +7,10 @@
 -- the next one into the queue (net._ordering_advance), in the same statement.
 --
 -- Circuits: after N consecutive failures to a host (connection errors, timeouts, 5xx) within a
--- window, its circuit opens: requests to it are held in the queue, leased to no worker
--- (lease_owner 'circuit <host>', lease_expires_at infinity: not sent, not failed, no attempt
--- counted) until a cool-down that doubles each time passes; then one probe goes (half-open), and
--- its success closes the circuit and lets the held requests go. The state is in
+-- window, its circuit opens: its requests are held (pending, not sent, not failed, no attempt
+-- counted) in net._held_requests, out of the queue's claim path, so that no claim scans past
+-- them, until a cool-down that doubles each time passes; then one probe goes (half-open), and its
+-- success closes the circuit and moves the held requests back. The state is in
 -- net._destination_circuits, shared by every worker of every serve; the failure counts that
 -- lead to it are kept by the workers too, in memory, so that a success costs nothing.
 --
@@ -227,7 +227,10 @@ begin
         where k.state = 'open'
           and not exists (
               select from net.http_request_queue q
-              where q.options ->> 'ordering_key' = k.ordering_key and (k.key_owner = '' or q.requested_by = k.key_owner));
+              where q.options ->> 'ordering_key' = k.ordering_key and (k.key_owner = '' or q.requested_by = k.key_owner))
+          and not exists (
+              select from net._held_requests h
+              where h.options ->> 'ordering_key' = k.ordering_key and (k.key_owner = '' or h.requested_by = k.key_owner));
     end if;
     for line in
         select k.key_owner, k.ordering_key from net._ordering_keys k
@@ -282,6 +285,58 @@ create table if not exists net._destination_circuits(
     probe_expires_at timestamptz
 );
 
+-- Requests to a host whose circuit is open or half-open: the queue's columns as they were
+-- (attempts, not_before, retries and the timeout are theirs again when they go back).
+create table if not exists net._held_requests(
+    id bigint primary key,
+    host text not null,
+    method text not null,
+    url text not null,
+    headers jsonb not null,
+    body bytea,
+    timeout_milliseconds int not null,
+    created_at timestamptz not null,
+    attempts int not null,
+    not_before timestamptz,
+    retries int not null,
+    options jsonb,
+    requested_by name not null,
+    held_at timestamptz not null default clock_timestamp()
+);
+create index if not exists _held_requests_host_idx on net._held_requests (host, id);
+
+-- Move held requests back into the queue: those of closed_hosts (a probe's write-back just closed
+-- their circuits), or with NULL those of every host whose circuit is not held any more (deleted
+-- by hand, or closed while a claim was setting one aside). Runs as the owner: the worker may not
+-- insert into the queue itself. Returns the rows moved.
+create or replace function net._circuit_release(closed_hosts text[])
+    returns int
+    language plpgsql
+    volatile
+    security definer
+    set search_path = pg_catalog, pg_temp
+as $$
+declare
+    moved_count int;
+begin
+    with moved as (
+        delete from net._held_requests h
+        where case when closed_hosts is null then h.host <> all(net._circuit_held_hosts())
+                   else h.host = any(closed_hosts) end
+        returning h.*
+    ), back as (
+        insert into net.http_request_queue (id, method, url, headers, body, timeout_milliseconds, created_at,
+                                            attempts, not_before, retries, options, requested_by)
+        select id, method, url, headers, body, timeout_milliseconds, created_at, attempts, not_before, retries,
+               options, requested_by
+        from moved
+        returning 1
+    )
+    select count(*) into moved_count from back;
+    return moved_count;
+end
+$$;
+
 -- The hosts whose requests a claim must not take now: open or half-open circuits.
 create or replace function net._circuit_held_hosts()
     returns text[]
@@ -295,49 +350,71 @@ $$;
 drop function if exists net._claim_circuits(text, int, float8);
 
 -- The probes (sql/queries.sql: claim_probes): for each circuit whose cool-down is over (or whose
--- probe's worker died), its oldest held request, now half-open. Returns the ids to lease.
+-- probe's worker died), its oldest held request, leased to owner and back in the queue; the
+-- circuit turns half-open. Returns claim's columns. Runs as the owner (it inserts into the queue).
+drop function if exists net._claim_probes(text, float8);
 create or replace function net._claim_probes(owner text, grace_s float8)
-    returns bigint[]
+    returns table(id bigint, method text, url text, headers text, body bytea, timeout_milliseconds int,
+                  attempts int, created_epoch float8, retries int, options text, tableoid oid)
     language plpgsql
     volatile
+    security definer
     set search_path = pg_catalog, pg_temp
 as $$
 declare
     circuit record;
-    probe record;
-    probes bigint[] := '{}';
+    chosen_id bigint;
+    probe_timeout_ms int;
+    probe_ids bigint[] := '{}';
 begin
     for circuit in
         select c.host from net._destination_circuits c
         where (c.state = 'open' and c.retry_at <= clock_timestamp())
            or (c.state = 'half_open' and c.probe_expires_at < clock_timestamp())
         order by c.host
-        for update skip locked
+        for update of c skip locked
     loop
-        select q.id, q.timeout_milliseconds into probe
-        from net.http_request_queue q
-        where q.lease_owner = 'circuit ' || circuit.host and (q.not_before is null or q.not_before <= clock_timestamp())
-        order by q.id limit 1
-        for update skip locked;
-        if not found then
-            -- Not parked yet (a claim has not met it since the circuit opened), or a retry's.
-            select q.id, q.timeout_milliseconds into probe
-            from net.http_request_queue q
-            where (q.lease_expires_at is null or q.lease_expires_at < clock_timestamp())
-              and (q.not_before is null or q.not_before <= clock_timestamp())
-              and net._url_host(q.url) = circuit.host
-            order by q.id limit 1
-            for update skip locked;
+        with moved as (
+            delete from net._held_requests h
+            where h.id = (select o.id from net._held_requests o
+                          where o.host = circuit.host and (o.not_before is null or o.not_before <= clock_timestamp())
+                          order by o.id limit 1 for update skip locked)
+            returning h.*
+        )
+        insert into net.http_request_queue as q (id, method, url, headers, body, timeout_milliseconds, created_at,
+                                                 attempts, not_before, retries, options, requested_by, lease_owner,
+                                                 lease_expires_at)
+        select m.id, m.method, m.url, m.headers, m.body, m.timeout_milliseconds, m.created_at, m.attempts + 1,
+               m.not_before, m.retries, m.options, m.requested_by, owner,
+               clock_timestamp() + make_interval(secs => m.timeout_milliseconds / 1000.0 + grace_s)
+        from moved m
+        returning q.id, q.timeout_milliseconds into chosen_id, probe_timeout_ms;
+        if chosen_id is null then
+            -- None held yet (a claim has not met one since the circuit opened): one in the queue.
+            update net.http_request_queue q
+            set lease_owner = owner, attempts = q.attempts + 1,
+                lease_expires_at = clock_timestamp() + make_interval(secs => q.timeout_milliseconds / 1000.0 + grace_s)
+            where q.id = (select o.id from net.http_request_queue o
+                          where (o.lease_expires_at is null or o.lease_expires_at < clock_timestamp())
+                            and (o.not_before is null or o.not_before <= clock_timestamp())
+                            and net._url_host(o.url) = circuit.host
+                          order by o.id limit 1 for update skip locked)
+            returning q.id, q.timeout_milliseconds into chosen_id, probe_timeout_ms;
         end if;
         -- Nothing to probe with: the circuit stays open and the next request to it is the probe.
-        continue when not found;
+        continue when chosen_id is null;
         update net._destination_circuits c
-        set state = 'half_open', probe_id = probe.id,
-            probe_expires_at = clock_timestamp() + make_interval(secs => probe.timeout_milliseconds / 1000.0 + grace_s)
+        set state = 'half_open', probe_id = chosen_id,
+            probe_expires_at = clock_timestamp() + make_interval(secs => probe_timeout_ms / 1000.0 + grace_s)
         where c.host = circuit.host;
-        probes := probes || probe.id;
+        probe_ids := probe_ids || chosen_id;
+        chosen_id := null;
     end loop;
-    return probes;
+    return query
+    select q.id, q.method::text, q.url, q.headers::text, q.body, q.timeout_milliseconds, q.attempts,
+           extract(epoch from q.created_at)::float8, q.retries, q.options::text, q.tableoid
+    from net.http_request_queue q
+    where q.id = any(probe_ids);
 end
 $$;
 
@@ -374,10 +451,14 @@ create trigger announce_truncate after truncate on net._destination_circuits
 -- replay it with net.retry_request(head_id)).
 create or replace view net.ordering_keys as
 with heads as (
-    select q.options ->> 'ordering_key' as ordering_key, q.requested_by, q.id, q.lease_owner, q.lease_expires_at,
+    select q.options ->> 'ordering_key' as ordering_key, q.requested_by, q.id, false as held, q.lease_expires_at,
            q.not_before, q.retries, q.attempts
     from net.http_request_queue q
     where q.options ? 'ordering_key'
+    union all
+    select h.options ->> 'ordering_key', h.requested_by, h.id, true, null, h.not_before, h.retries, h.attempts
+    from net._held_requests h
+    where h.options ? 'ordering_key'
 ), waiting as (
     select o.key_owner, o.ordering_key, count(*) as held, min(o.id) as next_id
     from net._ordered_requests o
@@ -386,7 +467,7 @@ with heads as (
 select k.ordering_key, nullif(k.key_owner, '')::name as key_owner,
        case when k.state = 'halted' then 'halted'
             when h.id is null then 'waiting'
-            when h.lease_owner like 'circuit %' then 'held'
+            when h.held then 'held'
             when h.lease_expires_at > clock_timestamp() then 'sending'
             when h.not_before > clock_timestamp() then 'retrying'
             else 'queued' end as state,
@@ -408,7 +489,7 @@ create or replace view net.destination_status as
 select c.host, c.state, c.failures, c.first_failure_at, c.last_failure_at, c.opens, c.opened_at,
        case when c.state = 'open' then c.retry_at end as probe_at,
        case when c.state = 'half_open' then c.probe_id end as probe_id,
-       (select count(*) from net.http_request_queue q where q.lease_owner = 'circuit ' || c.host) as requests_held
+       (select count(*) from net._held_requests h where h.host = c.host) as requests_held
 from net._destination_circuits c;
 
 insert into net._schema_migrations(version) values (12) on conflict do nothing;

@@ -98,7 +98,8 @@ on conflict (id) do nothing;
 -- probe (the request was its circuit's probe). Returns (rows stored or rescheduled, NOTIFYs
 -- sent (a CTE that is not read does not run), the [id, callback oid, requested_by] of stored
 -- rows whose request has a SQL callback, as JSON, {requests let into the queue, keys turned
--- idle, keys halted} or NULL, the hosts whose circuit this opened, as JSON, circuits closed).
+-- idle, keys halted} or NULL, the hosts whose circuit this opened, as JSON, circuits closed, held
+-- requests moved back into the queue).
 with r as (
     select (e ->> 0)::bigint as id, (e ->> 1)::int as status_code, e ->> 2 as content_type,
            e -> 3 as headers, e ->> 4 as content, decode(e ->> 5, 'base64') as content_bytes,
@@ -169,10 +170,11 @@ with r as (
     using circuit_hosts h
     where c.host = h.host and h.probe_succeeded and c.state = 'half_open'
     returning c.host
-), unparked as (
-    update net.http_request_queue q
-    set lease_owner = null, lease_expires_at = null
-    where q.lease_owner = any(array(select 'circuit ' || host from closed)) and q.lease_expires_at = 'infinity'
+), released_held as (
+    -- Its held requests go back into the queue (as the owner: the worker may not insert there).
+    select net._circuit_release(array_agg(c.host)) as moved
+    from closed c
+    having count(*) > 0
 ), reopened as (
     -- The probe failed: open again, for twice as long.
     update net._destination_circuits c
@@ -230,7 +232,8 @@ select (select count(*) from stored) + (select count(*) from rescheduled),
         from done d where d.options ? 'callback' and d.id = any(array(select id from stored))),
        (select counts from ordered),
        (select jsonb_agg(o.host) from (select host from counted where opened union all select host from reopened) o),
-       (select count(*) from closed);
+       (select count(*) from closed),
+       (select moved from released_held);
 
 -- name: run_callbacks
 -- Run the SQL callbacks of responses just stored, in the write-back's transaction.
@@ -326,10 +329,8 @@ select (select count(*) from net.http_request_queue),
 
 -- name: status_queue
 -- For `pgnet-curl status`: waiting and leased requests, and the oldest one's age in seconds.
--- Requests held for an open circuit (leased until infinity, sql/0012) are waiting, not in flight.
-select count(*) filter (where lease_expires_at is null or lease_expires_at <= clock_timestamp()
-                              or lease_expires_at = 'infinity'),
-       count(*) filter (where lease_expires_at > clock_timestamp() and lease_expires_at <> 'infinity'),
+select count(*) filter (where lease_expires_at is null or lease_expires_at <= clock_timestamp()),
+       count(*) filter (where lease_expires_at > clock_timestamp()),
        extract(epoch from clock_timestamp() - min(created_at))::float8
 from net.http_request_queue;
 
@@ -446,11 +447,11 @@ select net._ordering_release_idle(%(max_keys)s, %(sweep)s);
 
 -- name: claim_circuits
 -- The claim while some circuit is open or half-open: claim's lease, on the oldest claimable rows
--- whose host's circuit is not held. Rows of held hosts met on the way are parked (held in the
--- queue: lease_owner 'circuit <host>', lease_expires_at infinity; attempts, not_before, retries
--- and timeout untouched), so that no later claim looks at them again; closing the circuit gives
--- them back (sql/0012_ordering_and_circuits.sql). A URL that cannot hold a held host's name
--- (the LIKE patterns) is not parsed. Returns claim's columns (the worker reads both the same way).
+-- whose host's circuit is not held. Rows of held hosts met on the way are set aside, whole, in
+-- net._held_requests (attempts, not_before, retries and timeout kept; not sent, not failed), out
+-- of every claim's path; closing the circuit moves them back (sql/0012_ordering_and_circuits.sql).
+-- A URL that cannot hold a held host's name (the LIKE patterns) is not parsed. Returns claim's
+-- columns (the worker reads both the same way).
 with held as (
     select hosts, array(select '%%' || replace(replace(replace(h, '\', '\\'), '%%', '\%%'), '_', '\_') || '%%'
                         from unnest(hosts) as h) as frags
@@ -463,11 +464,18 @@ with held as (
     order by q.id
     limit %(limit)s
     for update of q skip locked
-), parked as (
-    update net.http_request_queue q
-    set lease_owner = 'circuit ' || c.host, lease_expires_at = 'infinity'
-    from candidates c, held
+), set_aside as (
+    delete from net.http_request_queue q
+    using candidates c, held
     where q.id = c.id and c.host = any(held.hosts)
+    returning q.id, c.host, q.method, q.url, q.headers, q.body, q.timeout_milliseconds, q.created_at, q.attempts,
+              q.not_before, q.retries, q.options, q.requested_by
+), kept as (
+    insert into net._held_requests (id, host, method, url, headers, body, timeout_milliseconds, created_at, attempts,
+                                    not_before, retries, options, requested_by)
+    select id, host, method, url, headers, body, timeout_milliseconds, created_at, attempts, not_before, retries,
+           options, requested_by
+    from set_aside
 )
 update net.http_request_queue q
 set lease_owner = %(owner)s,
@@ -480,15 +488,10 @@ returning q.id, q.method, q.url, q.headers::text, q.body, q.timeout_milliseconds
           q.attempts, extract(epoch from q.created_at)::float8, q.retries, q.options::text, q.tableoid;
 
 -- name: claim_probes
--- One probe for each circuit whose cool-down is over: it turns half-open. Claim's columns.
-update net.http_request_queue
-set lease_owner = %(owner)s,
-    lease_expires_at = clock_timestamp()
-        + make_interval(secs => timeout_milliseconds / 1000.0 + %(grace_s)s),
-    attempts = attempts + 1
-where id = any((select net._claim_probes(%(owner)s, %(grace_s)s))::bigint[])
-returning id, method, url, headers::text, body, timeout_milliseconds,
-          attempts, extract(epoch from created_at)::float8, retries, options::text, tableoid;
+-- One probe for each circuit whose cool-down is over, leased to this worker: it turns half-open
+-- (sql/0012_ordering_and_circuits.sql). Claim's columns.
+select id, method, url, headers, body, timeout_milliseconds, attempts, created_epoch, retries, options, tableoid
+from net._claim_probes(%(owner)s, %(grace_s)s);
 
 -- name: feature_state
 -- Read at connect, at each safety poll and when a circuit changes: whether any ordering key has
@@ -507,17 +510,14 @@ select exists (select from net._ordering_keys), exists (select from net._orderin
 delete from net._destination_circuits where host = any(%(hosts)s::text[]) and state = 'closed';
 
 -- name: unpark_requests
--- Give back requests parked for a circuit that is no longer open (a claim parked them while a
--- probe's write-back was closing it), and those of a circuit deleted by hand.
-update net.http_request_queue
-set lease_owner = null, lease_expires_at = null
-where lease_owner like 'circuit %%' and lease_expires_at = 'infinity'
-  and substr(lease_owner, 9) <> all(net._circuit_held_hosts());
+-- Move back the held requests of circuits no longer held: a claim that set one aside while a
+-- probe's write-back was closing its circuit, a circuit row deleted by hand.
+select net._circuit_release(null);
 
 -- name: status_circuits
 -- For `pgnet-curl status`: circuits that are not closed, and hosts with failures counted.
 select host, state, failures, extract(epoch from retry_at - clock_timestamp())::float8,
-       (select count(*) from net.http_request_queue q where q.lease_owner = 'circuit ' || c.host)
+       (select count(*) from net._held_requests h where h.host = c.host)
 from net._destination_circuits c
 order by state <> 'closed' desc, host;
 

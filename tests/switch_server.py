@@ -32,6 +32,8 @@ class SwitchServer:
         # (monotonic arrival, path) of each request answered; attempts refused while down.
         self.arrivals: list[tuple[float, str]] = []
         self.refused = 0
+        # Wall-clock time (time.time()) of each refusal, to compare with the database's timestamps.
+        self.refused_at: list[float] = []
 
     @property
     def url(self) -> str:
@@ -77,6 +79,7 @@ class SwitchServer:
             with self._lock:
                 if not self._up:
                     self.refused += 1
+                    self.refused_at.append(time.time())
                     _reset(client)
                     continue
                 self._clients.add(client)
@@ -96,6 +99,7 @@ class SwitchServer:
                 with self._lock:
                     if not self._up:
                         self.refused += 1
+                        self.refused_at.append(time.time())
                         return
                     self.arrivals.append((time.monotonic(), path))
                 if self.delay_s:

@@ -22,6 +22,9 @@ from .context import WorkerContext
 _PROBE_RECHECK_S = 1.0
 # Consecutive failures after which a worker sends a host one request at a time, until one succeeds.
 _GATE_AFTER_FAILURES = 1
+# A host the database says is failing is not gated by a worker that saw it succeed this recently:
+# the database's row may predate that success's reset.
+_RECENT_SUCCESS_S = 2.0
 _STATES = ("closed", "open", "half_open")
 
 
@@ -31,6 +34,8 @@ class _Failing:
 
     failures: int
     last_failure_s: float
+    # When this run of failures began (monotonic): a success of a request sent before says nothing.
+    since_s: float = 0.0
     # This worker's requests in flight to it (at most one, once it is failing).
     inflight: int = 0
     # Its last failure is not written back yet: the database's count is behind; send nothing more.
@@ -69,8 +74,10 @@ class Circuits:
         # Per host, (request, when it began waiting) for requests claimed while one is in flight there.
         self._waiting: dict[str, list[tuple[Request, float]]] = {}
         self._inflight: dict[int, str] = {}
-        # When some circuit last held requests (monotonic), for the sweep of parked requests.
+        # When some circuit last held requests (monotonic), for the sweep of held requests.
         self.held_until_s = 0.0
+        # When this worker last saw a failing host succeed (monotonic), per host.
+        self._succeeded_s: dict[str, float] = {}
 
     @property
     def watching(self) -> bool:
@@ -128,14 +135,18 @@ class Circuits:
                 response.circuit_failure = True
                 failing = self.failing.get(host)
                 if failing is None:
-                    self.failing[host] = failing = _Failing(0, now)
+                    self.failing[host] = failing = _Failing(0, now, now - response.duration_s)
                 failing.failures += 1
                 failing.last_failure_s = now
                 failing.unwritten = True
             elif self.failing:
                 host = host or url_host(request.url)
-                if self.failing.pop(host, None) is not None:
+                failing = self.failing.get(host)
+                # Only a request sent after the failures began shows the host is back.
+                if failing is not None and now - response.duration_s >= failing.since_s:
+                    del self.failing[host]
                     self.resets.add(host)
+                    self._succeeded_s[host] = now
                     ready.extend(request for request, _since_s in self._waiting.pop(host, ()))
         return ready
 
@@ -166,9 +177,12 @@ class Circuits:
         due = []
         for host, state, _failures, due_in_s in rows:
             if state == "closed":
-                # Another worker saw it fail: a success seen here ends its run too. Only this
-                # worker's own failures make it send the host one request at a time.
-                self.failing.setdefault(host, _Failing(0, now))
+                # Another worker saw it fail: send it one request at a time here too, and a success
+                # seen here ends its run. Unless this worker just saw it succeed (the row predates
+                # the reset that success sent).
+                if now - self._succeeded_s.get(host, float("-inf")) >= _RECENT_SUCCESS_S:
+                    failing = self.failing.setdefault(host, _Failing(0, now, now))
+                    failing.failures = max(failing.failures, 1)
                 continue
             held.add(host)
             if due_in_s is not None:
@@ -203,6 +217,9 @@ class Circuits:
         for host in [host for host, failing in self.failing.items()
                      if failing.inflight == 0 and now - failing.last_failure_s > self.params.window_s]:
             del self.failing[host]
+        if self._succeeded_s:
+            self._succeeded_s = {host: at_s for host, at_s in self._succeeded_s.items()
+                                 if now - at_s < _RECENT_SUCCESS_S}
         if not self._waiting:
             return
         patience_s = self.ctx.settings.lease_grace_s / 2

@@ -64,9 +64,10 @@ def test_a_circuit_opens_holds_probes_and_closes(db, db_dsn, serve, down_host, o
     # At most N requests reach the host while it is down (here the 20 in flight made the N).
     assert reached_when_opened <= threshold, reached_when_opened
     assert answered(db, ids) == 0, "a held request is not failed"
-    # Held: no attempt counted, the timeout kept for when it is sent (retries waiting keep theirs).
-    assert db.execute("select count(*) from net.http_request_queue where id = any(%s) and lease_owner like 'circuit %%'"
+    # Held: pending, no attempt counted, the timeout kept for when it is sent (retries keep theirs).
+    assert db.execute("select count(*) from net._held_requests where id = any(%s) and host = '127.0.0.3'"
                       " and attempts = 0 and timeout_milliseconds = 5000", (ids,)).fetchone()[0] == held
+    assert db.execute("select (net._http_collect_response(%s)).status", (ids[-1],)).fetchone()[0] == "PENDING"
 
     # Another host is not held meanwhile.
     others = [row[0] for row in db.execute("select net.http_get(%s) from generate_series(1, 5)",
@@ -127,16 +128,23 @@ def test_the_worker_names_hosts_as_the_database_does(db):
     assert {url: url_host(url) for url in TRICKY_URLS} == in_sql
 
 
-def test_held_requests_of_a_probe_write_back_come_back(db, db_dsn):
-    """A claim that parked a request while the probe's write-back closed the circuit: the sweep gives it back."""
+def test_held_requests_come_back_when_their_circuit_goes(db, db_dsn):
+    """A claim sets aside a held host's requests; when its circuit is gone (here deleted by hand, or
+    closed while a claim was setting one aside) the sweep moves them back, as they were."""
     db.execute("insert into net._destination_circuits(host, state, failures, opens) values ('127.0.0.9', 'open', 9, 1)")
-    ids = [row[0] for row in db.execute("select net.http_get('http://127.0.0.9:9/') from generate_series(1, 3)")]
+    ids = [row[0] for row in db.execute(
+        "select net.http_request('GET', 'http://127.0.0.9:9/', max_retries => 2) from generate_series(1, 3)")]
+    other = db.execute("select net.http_get('http://127.0.0.8:9/')").fetchone()[0]
+    db.execute("update net.http_request_queue set retries = 1 where id = %s", (ids[0],))
     with psycopg.connect(db_dsn, autocommit=True) as conn:
         queue = Queue(conn, "worker-a")
-        assert queue.claim(10, 30.0, circuits=True) == []
-        assert db.execute("select count(*) from net.http_request_queue where lease_owner = 'circuit 127.0.0.9'"
-                          ).fetchone()[0] == 3
+        assert [r.id for r in queue.claim(10, 30.0, circuits=True)] == [other]
+        assert db.execute("select id, retries, attempts from net._held_requests order by id").fetchall() == [
+            (ids[0], 1, 0), (ids[1], 0, 0), (ids[2], 0, 0)]
+        assert db.execute("select count(*) from net.http_request_queue where id = any(%s)", (ids,)).fetchone()[0] == 0
         assert queue.unpark_requests() == 0, "still open: held"
         db.execute("delete from net._destination_circuits")
         assert queue.unpark_requests() == 3
+        assert db.execute("select id, retries, attempts from net.http_request_queue where id = any(%s) order by id",
+                          (ids,)).fetchall() == [(ids[0], 1, 0), (ids[1], 0, 0), (ids[2], 0, 0)]
         assert [r.id for r in queue.claim(10, 30.0)] == ids
