@@ -450,8 +450,9 @@ select net._ordering_release_idle(%(max_keys)s, %(sweep)s);
 -- whose host's circuit is not held. Rows of held hosts met on the way are set aside, whole, in
 -- net._held_requests (attempts, not_before, retries and timeout kept; not sent, not failed), out
 -- of every claim's path; closing the circuit moves them back (sql/0012_ordering_and_circuits.sql).
--- A URL that cannot hold a held host's name (the LIKE patterns) is not parsed. Returns claim's
--- columns (the worker reads both the same way).
+-- A URL that cannot hold a held host's name (the LIKE patterns) is not parsed. %(overdue_only)s:
+-- the safety poll's claim, of expired leases and due retries only (as claim_overdue). Returns
+-- claim's columns (the worker reads both the same way).
 with held as (
     select hosts, array(select '%%' || replace(replace(replace(h, '\', '\\'), '%%', '\%%'), '_', '\_') || '%%'
                         from unnest(hosts) as h) as frags
@@ -461,6 +462,7 @@ with held as (
     from net.http_request_queue q, held
     where (q.lease_expires_at is null or q.lease_expires_at < clock_timestamp())
       and (q.not_before is null or q.not_before <= clock_timestamp())
+      and (not %(overdue_only)s or q.lease_expires_at is not null or q.not_before is not null)
     order by q.id
     limit %(limit)s
     for update of q skip locked
