@@ -123,6 +123,13 @@ class Circuits:
     def after_finish(self, finished: list[Response], now: float) -> list[Request]:
         """Count the host failures among finished transfers, mark them for the write-back, and
         return the waiting requests that may go now."""
+        if not (self.failing or self._inflight):
+            # The usual case, per finished batch: no host failing here; look for a failure only.
+            for response in finished:
+                if response.status_code is None or response.status_code >= 500:
+                    break
+            else:
+                return []
         ready: list[Request] = []
         counting = self.params.failures > 0
         for response in finished:
@@ -214,6 +221,8 @@ class Circuits:
     def expire(self, now: float) -> None:
         """Forget failures older than the window (no success needed). Give back requests that waited
         half the lease grace: waiting longer, their lease could pass to another worker."""
+        if not (self.failing or self._succeeded_s or self._waiting):
+            return
         for host in [host for host, failing in self.failing.items()
                      if failing.inflight == 0 and now - failing.last_failure_s > self.params.window_s]:
             del self.failing[host]

@@ -70,7 +70,10 @@ class Claimer:
 
     def next_due_s(self) -> float | None:
         due = self._due_s[0] if self._due_s else None
-        for other in (self.idle_keys_due_s, self.circuits.probe_due_s):
+        idle_s, probe_s = self.idle_keys_due_s, self.circuits.probe_due_s
+        if idle_s is None and probe_s is None:
+            return due  # every loop turn asks: keep the usual case short
+        for other in (idle_s, probe_s):
             if other is not None and (due is None or other < due):
                 due = other
         return due
@@ -80,9 +83,9 @@ class Claimer:
             while self._due_s and now >= self._due_s[0]:
                 heapq.heappop(self._due_s)
             self.ctx.wakeups.claim = True
-        for other in (self.idle_keys_due_s, self.circuits.probe_due_s):
-            if other is not None and now >= other:
-                self.ctx.wakeups.claim = True
+        idle_s, probe_s = self.idle_keys_due_s, self.circuits.probe_due_s
+        if (idle_s is not None and now >= idle_s) or (probe_s is not None and now >= probe_s):
+            self.ctx.wakeups.claim = True
 
     def claim(self, queue: Queue, now: float) -> list[Request] | None:
         """Lease what there is room for, oldest first; None when no claim ran (then share_load

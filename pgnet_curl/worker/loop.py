@@ -265,10 +265,12 @@ class Worker:
 
     def _claim(self, now: float) -> None:
         queue = self.session.queue
-        for request in self.circuits.take_ready():
-            self.driver.add(request)
-        if self.circuits.to_release or self.circuits.resets:
-            self._guarded(self.circuits.flush, queue)
+        circuits = self.circuits
+        if circuits.ready:
+            for request in circuits.take_ready():
+                self.driver.add(request)
+        if circuits.to_release or circuits.resets:
+            self._guarded(circuits.flush, queue)
             if not self.session.connected:
                 return
         try:
