@@ -16,7 +16,7 @@ import psycopg
 
 from pgnet_curl.errors import PgnetCurlError
 
-from . import context, report, scenarios
+from . import circuit, context, ordering, report, scenarios
 from .args import DEFAULT_RESULTS_DIR, raise_interrupt, serve_flags
 from .measure import Stalled, wait_for_quiet
 from .runner import REPO_DIR, BenchError, Database, make_target, make_work_dir
@@ -93,6 +93,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backlog", type=int, default=20_000, help="requests to the limited host (default 20,000; 0: skip)")
     p.add_argument("--rate", type=float, default=100.0, help="its limit, requests per second (default 100)")
     p.add_argument("--burst", type=float, help="its bucket size (default: the table's, max(1, rate / 10))")
+    p = sub.add_parser("ordering", parents=common,
+                       help="ordered delivery: throughput beside unordered, arrival order per key, one key's pace")
+    p.add_argument("--keys", type=int, default=10_000, help="ordering keys (default 10,000)")
+    p.add_argument("--per-key", type=int, default=10, help="requests per key (default 10)")
+    p.add_argument("--single", type=int, default=1_000, help="requests of the one-key run (default 1,000)")
+    p.add_argument("--delay-ms", type=int, default=1, help="its receiver's answer delay (default 1 ms)")
+    p.add_argument("--rounds", type=int, default=3, help="unordered / ordered pairs, alternating (default 3)")
+    p = sub.add_parser("circuit", parents=common,
+                       help="a destination down for a while under load: what reaches it, the other host's latency")
+    p.add_argument("--rate", type=float, default=500.0, help="requests per second to each host (default 500)")
+    p.add_argument("--duration", type=float, default=40.0, help="seconds of load (default 40)")
+    p.add_argument("--down-at", type=float, default=5.0, help="seconds into the load it goes down (default 5)")
+    p.add_argument("--down-for", type=float, default=30.0, help="seconds it stays down (default 30)")
     p = sub.add_parser("faults", parents=common,
                        help="a killed worker, a PostgreSQL crash, a dropped network, a killed serve, under load")
     p.add_argument("--rate", type=float, default=2000.0, help="requests per second offered (default 2,000)")
@@ -123,6 +136,8 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, callable]]:
         "drain": lambda b: scenarios.drain(b, args.requests),
         "limits": lambda b: scenarios.limits(b, args.requests, args.backlog, args.rate, args.burst),
         "faults": lambda b: scenarios.faults(b, args.rate, args.steady_s),
+        "ordering": lambda b: ordering.ordering(b, args.keys, args.per_key, args.single, args.delay_ms, args.rounds),
+        "circuit": lambda b: circuit.circuit(b, args.rate, args.duration, args.down_at, args.down_for),
     }
     names = ["throughput", "sustained", "trickle", "head-of-line"] if args.scenario == "all" else [args.scenario]
     return [(name, runs[name]) for name in names]

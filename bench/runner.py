@@ -239,7 +239,7 @@ pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 8192; }}
 http {{
-    access_log off;
+    {access_log}
     client_body_temp_path {prefix}/tmp/body;
     proxy_temp_path {prefix}/tmp/proxy;
     fastcgi_temp_path {prefix}/tmp/fastcgi;
@@ -257,12 +257,18 @@ http {{
 
 
 class NginxTarget:
-    """A private nginx on 127.0.0.1 (one worker, keep-alive on) answering /fast with 200 "ok"."""
+    """A private nginx on 127.0.0.1 (one worker, keep-alive on) answering /fast with 200 "ok".
+
+    log_requests: write each request's URI to access_log_path, in the order nginx answered them
+    (buffered; complete once stop() returns).
+    """
 
     kind = "nginx"
 
-    def __init__(self, work_dir: Path):
-        self.prefix = work_dir / "nginx"
+    def __init__(self, work_dir: Path, name: str = "nginx", log_requests: bool = False):
+        self.prefix = work_dir / name
+        self.log_requests = log_requests
+        self.access_log_path = self.prefix / "access.log"
         self.process: subprocess.Popen | None = None
         self.url = ""
 
@@ -273,7 +279,9 @@ class NginxTarget:
         (self.prefix / "tmp").mkdir(parents=True, exist_ok=True)
         port = free_port()
         config = self.prefix / "nginx.conf"
-        config.write_text(_NGINX_CONFIG.format(prefix=self.prefix, port=port))
+        access_log = (f"log_format uri '$request_uri'; access_log {self.access_log_path} uri buffer=256k flush=1s;"
+                      if self.log_requests else "access_log off;")
+        config.write_text(_NGINX_CONFIG.format(prefix=self.prefix, port=port, access_log=access_log))
         with open(self.prefix / "stderr.log", "ab") as out:
             self.process = subprocess.Popen(
                 [binary, "-p", str(self.prefix), "-c", str(config), "-e", str(self.prefix / "error.log")],

@@ -116,12 +116,22 @@ def _serve_options(function):
         ("--synchronous-commit", click.Choice(["on", "off"]),
          "Whether the workers' commits wait for their WAL flush (default off: a PostgreSQL crash may "
          "make them send the last few hundred ms of requests again, never lose one)."),
+        ("--ordering-on-failure", click.Choice(["continue", "halt"]),
+         "When the head of an ordering key is dead-lettered: let the next request of the key go "
+         "(continue, the default) or stop the key until net.retry_request replays it (halt)."),
+        ("--circuit-failures", int, "Consecutive failures to a host that open its circuit (default 10)."),
+        ("--circuit-window", float, "Seconds within which those failures count (default 60)."),
+        ("--circuit-cooldown", float, "Seconds an open circuit holds requests before its probe; doubles "
+                                      "each time it opens again (default 5)."),
+        ("--circuit-cooldown-cap", float, "Longest cool-down, in seconds (default 300)."),
     ]
     policy_options = [
         ("--deny-cidr", dict(multiple=True), "Deny connections to this CIDR range (repeatable)."),
         ("--allow-cidr", dict(multiple=True), "Allow this CIDR range inside a denied one (repeatable)."),
         ("--deny-private", dict(is_flag=True, default=None),
          "Also deny loopback, RFC 1918, CGNAT and unique-local ranges."),
+        ("--no-circuit-breaker", dict(is_flag=True, default=None),
+         "Count no failures, so open no circuit (circuits other serves opened still hold requests)."),
     ]
     for flag, extra, text in reversed(policy_options):
         envvar = "PGNET_" + flag[2:].replace("-", "_").upper()

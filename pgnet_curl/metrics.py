@@ -65,6 +65,12 @@ retries_scheduled_total = Counter(
     "pgnet_curl_retries_scheduled_total", "Transient failures put back in the queue for another attempt.", labelnames=["database"])
 responses_expired_total = Counter(
     "pgnet_curl_responses_expired_total", "Responses deleted after pg_net.ttl.", labelnames=["database"])
+circuits = Gauge(
+    "pgnet_curl_circuits", "Destination hosts by circuit state: closed (failures being counted), open "
+    "(requests held), half_open (a probe in flight). Sampled at each poll.",
+    multiprocess_mode="livemostrecent", labelnames=["database", "state"])
+circuit_opens_total = Counter(
+    "pgnet_curl_circuit_opens_total", "Circuits opened (or opened again after a failed probe).", labelnames=["database"])
 
 METRIC_NAMES = frozenset({
     "pgnet_curl_requests_total", "pgnet_curl_http_duration_seconds", "pgnet_curl_queue_wait_seconds",
@@ -74,7 +80,7 @@ METRIC_NAMES = frozenset({
     "pgnet_curl_worker_writes_refused", "pgnet_curl_unwritten_responses",
     "pgnet_curl_worker_restarts_total", "pgnet_curl_db_reconnects_total",
     "pgnet_curl_lease_reclaims_total", "pgnet_curl_lease_lost_total", "pgnet_curl_responses_expired_total",
-    "pgnet_curl_retries_scheduled_total",
+    "pgnet_curl_retries_scheduled_total", "pgnet_curl_circuits", "pgnet_curl_circuit_opens_total",
 })
 
 
@@ -138,11 +144,14 @@ class DatabaseMetrics:
                      "worker_waiting_for_schema", "worker_writes_refused", "unwritten_responses",
                      "worker_restarts_total", "db_reconnects_total",
                      "lease_reclaims_total", "lease_lost_total", "retries_scheduled_total",
-                     "responses_expired_total"):
+                     "responses_expired_total", "circuit_opens_total"):
             setattr(self, name, globals()[name].labels(database=database))
 
     def requests(self, method: str, result: str):
         return requests_total.labels(self.database, method, result)
+
+    def circuits(self, state: str):
+        return circuits.labels(self.database, state)
 
 
 class Tally:

@@ -31,6 +31,10 @@ class Request:
     # Claimed by the limited claim while some host's concurrency is limited: it may hold a slot
     # to release (sql/0008_destination_limits.sql).
     destination_leased: bool = False
+    # Sent one at a time with the other requests of this key (sql/0012_ordering_and_circuits.sql).
+    ordering_key: str | None = None
+    # Claimed as its host's circuit probe (half-open): its outcome closes or reopens the circuit.
+    circuit_probe: bool = False
     # The queue table's oid: which install of the net schema the request belongs to.
     queue_oid: int = 0
 
@@ -55,15 +59,26 @@ class Response:
     curl_code: int = 0
     # Set by the worker: try again in this many ms instead of storing the row.
     retry_in_ms: float | None = None
+    # Set by the worker: a connection error, timeout or 5xx, counted towards the host's circuit.
+    circuit_failure: bool = False
     duration_s: float = 0.0
     request: Request | None = None
 
     def needs_delivery_write(self, notify_channel: str | None) -> bool:
-        """Whether storing this row takes write_back_delivery (a retry, an archive, a NOTIFY or a
-        callback) rather than the plain write_back."""
+        """Whether storing this row takes more than the plain write_back: write_back_delivery (a
+        retry, an archive, a NOTIFY, a callback, a probe's outcome), or write_back_ordered (a
+        key's next request to let in)."""
         request = self.request
         return (self.retry_in_ms is not None or self.failed or notify_channel is not None
-                or (request is not None and (request.notify_channel is not None or request.callback_oid is not None)))
+                or (request is not None and (request.notify_channel is not None or request.callback_oid is not None
+                                             or request.ordering_key is not None or request.circuit_probe)))
+
+    def ordered_only(self, notify_channel: str | None) -> bool:
+        """Of the rows that need more than write_back: whether ordering is all it needs (write_back_ordered)."""
+        request = self.request
+        return (request is not None and request.ordering_key is not None and self.retry_in_ms is None
+                and not self.failed and notify_channel is None and request.notify_channel is None
+                and request.callback_oid is None and not request.circuit_probe)
 
     @property
     def failed(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass, field
 
 import psycopg
 
@@ -20,6 +21,36 @@ def _apply_options(request: Request, options: dict) -> None:
     request.idempotency_key = options.get("idempotency_key")
     request.signing_key_id = options.get("signing_key_id")
     request.callback_oid = options.get("callback")
+    request.ordering_key = options.get("ordering_key")
+
+
+@dataclass(frozen=True)
+class CircuitParams:
+    """How failures open circuits (sql/0012_ordering_and_circuits.sql); failures 0: count none."""
+
+    failures: int = 10
+    window_s: float = 60.0
+    cooldown_s: float = 5.0
+    cooldown_cap_s: float = 300.0
+
+
+@dataclass
+class WriteEffects:
+    """What write-backs did besides storing rows, for the worker to act on."""
+
+    # Ordered requests let into the queue; keys with nothing visible in line (look again); keys halted.
+    released: int = 0
+    idled: int = 0
+    halted: int = 0
+    # Hosts whose circuit opened; circuits closed by a probe's success.
+    opened: list[str] = field(default_factory=list)
+    closed: int = 0
+
+    def add_ordering(self, counts: list[int] | None) -> None:
+        if counts:
+            self.released += counts[0]
+            self.idled += counts[1]
+            self.halted += counts[2]
 
 
 def _response_row(r: Response) -> list:
@@ -36,25 +67,41 @@ class Queue:
         self.conn = conn
         self.owner = owner
         self._sql = queries()
+        # What write-backs did besides storing rows, since the worker last took it.
+        self.effects = WriteEffects()
 
     def claim(self, limit: int, grace_s: float, limited: bool = False, slots: bool | None = None,
-              overdue_only: bool = False) -> list[Request]:
+              overdue_only: bool = False, circuits: bool = False) -> list[Request]:
         """Lease up to limit requests to this worker and return them, oldest first; limited: only
         those the per-destination limits let through now. slots: whether some host's concurrency
         is limited (the limited claim may then give a request a slot; None: assume it may).
-        overdue_only (with limited): only expired leases and due retries, as claim_overdue."""
+        overdue_only (with limited or circuits): only expired leases and due retries, as
+        claim_overdue. circuits: none to a host whose circuit is open (sql/0012)."""
+        name = "claim_limited" if limited else "claim_circuits" if circuits else "claim"
         with database_errors("claiming requests"):
             rows = self.conn.execute(
-                self._sql["claim_limited" if limited else "claim"],
+                self._sql[name],
                 {"limit": limit, "owner": self.owner, "grace_s": grace_s, "overdue_only": overdue_only},
             ).fetchall()
         return _as_requests(rows, slotted=limited and slots is not False)
 
-    def write(self, responses: list[Response], notify_channel: str | None = None) -> int:
+    def claim_probes(self, grace_s: float) -> list[Request]:
+        """Lease one request for each circuit whose cool-down is over, as its probe (half-open)."""
+        with database_errors("claiming circuit probes"):
+            rows = self.conn.execute(self._sql["claim_probes"], {"owner": self.owner, "grace_s": grace_s}).fetchall()
+        requests = _as_requests(rows)
+        for request in requests:
+            request.circuit_probe = True
+        return requests
+
+    def write(self, responses: list[Response], notify_channel: str | None = None, halt: bool = False,
+              circuit: CircuitParams = CircuitParams()) -> int:
         """Store responses of requests still leased to us and dequeue them; return rows written.
 
-        Plain rows take write_back; rows using a delivery feature take write_back_delivery
-        (retries rescheduled, failures archived, NOTIFYs, SQL callbacks in its transaction).
+        Plain rows take write_back; ordered rows that need nothing more take write_back_ordered;
+        rows using another delivery feature take write_back_delivery (retries rescheduled,
+        failures archived and counted for their host's circuit, NOTIFYs, SQL callbacks in its
+        transaction, a halt). What they did besides is added to self.effects.
         """
         plain = [r for r in responses if not r.needs_delivery_write(notify_channel)]
         written = 0
@@ -66,21 +113,73 @@ class Queue:
                     "owner": self.owner, "release_slots": release_slots,
                     "rows": json.dumps([_response_row(r) for r in plain])}).rowcount
         if len(plain) < len(responses):
-            written += self._write_delivery([r for r in responses if r.needs_delivery_write(notify_channel)],
-                                            notify_channel)
+            rest = [r for r in responses if r.needs_delivery_write(notify_channel)]
+            ordered = [r for r in rest if r.ordered_only(notify_channel)]
+            if ordered:
+                written += self._write_ordered(ordered)
+            if len(ordered) < len(rest):
+                written += self._write_delivery([r for r in rest if not r.ordered_only(notify_channel)],
+                                                notify_channel, halt, circuit)
         return written
 
-    def _write_delivery(self, responses: list[Response], notify_channel: str | None) -> int:
-        rows = json.dumps([[*_response_row(r), r.retry_in_ms, r.failed] for r in responses])
-        params = {"owner": self.owner, "rows": rows, "notify_channel": notify_channel}
+    def _write_ordered(self, responses: list[Response]) -> int:
+        release_slots = any(r.request.destination_leased for r in responses)
+        with database_errors("writing responses"):
+            written, counts = self.conn.execute(self._sql["write_back_ordered"], {
+                "owner": self.owner, "release_slots": release_slots,
+                "rows": json.dumps([_response_row(r) for r in responses])}).fetchone()
+        self.effects.add_ordering(counts)
+        return written
+
+    def _write_delivery(self, responses: list[Response], notify_channel: str | None, halt: bool,
+                        circuit: CircuitParams) -> int:
+        rows = json.dumps([[*_response_row(r), r.retry_in_ms, r.failed, r.circuit_failure,
+                            r.request is not None and r.request.circuit_probe] for r in responses])
+        params = {"owner": self.owner, "rows": rows, "notify_channel": notify_channel, "halt": halt,
+                  "circuit_threshold": circuit.failures, "circuit_window_s": circuit.window_s,
+                  "circuit_cooldown_s": circuit.cooldown_s, "circuit_cooldown_cap_s": circuit.cooldown_cap_s}
         with database_errors("writing responses"):
             if not any(r.request and r.request.callback_oid for r in responses):
-                return self.conn.execute(self._sql["write_back_delivery"], params).fetchone()[0]
-            with self.conn.transaction():
-                written, _, calls = self.conn.execute(self._sql["write_back_delivery"], params).fetchone()
-                if calls:
-                    self.conn.execute(self._sql["run_callbacks"], {"calls": json.dumps(calls)})
-                return written
+                written, _, _, counts, opened, closed, _ = self.conn.execute(
+                    self._sql["write_back_delivery"], params).fetchone()
+            else:
+                with self.conn.transaction():
+                    written, _, calls, counts, opened, closed, _ = self.conn.execute(
+                        self._sql["write_back_delivery"], params).fetchone()
+                    if calls:
+                        self.conn.execute(self._sql["run_callbacks"], {"calls": json.dumps(calls)})
+        self.effects.add_ordering(counts)
+        self.effects.opened.extend(opened or ())
+        self.effects.closed += closed
+        return written
+
+    def take_effects(self) -> WriteEffects:
+        effects, self.effects = self.effects, WriteEffects()
+        return effects
+
+    def release_idle_keys(self, max_keys: int, sweep: bool = False) -> tuple[int, int]:
+        """Let idle ordering keys' next requests into the queue; return (let in, keys still idle)."""
+        with database_errors("letting ordered requests in"):
+            released, idle = self.conn.execute(self._sql["release_idle_keys"],
+                                               {"max_keys": max_keys, "sweep": sweep}).fetchone()[0]
+        return released, idle
+
+    def feature_state(self) -> tuple[bool, bool, list[tuple[str, str, int, float | None]]]:
+        """Whether ordering keys have requests in line, whether some key is idle, and (host, state,
+        failures, seconds until its probe is due or expires) of every host the circuit breaker knows."""
+        with database_errors("reading ordering keys and circuits"):
+            ordering, idle, circuits = self.conn.execute(self._sql["feature_state"]).fetchone()
+        return ordering, idle, [tuple(row) for row in circuits or ()]
+
+    def reset_circuits(self, hosts: list[str]) -> None:
+        """A request to each of these hosts succeeded: forget their run of failures."""
+        with database_errors("resetting circuit failures"):
+            self.conn.execute(self._sql["reset_circuits"], {"hosts": hosts})
+
+    def unpark_requests(self) -> int:
+        """Move back into the queue the held requests of circuits that are not held any more."""
+        with database_errors("giving back held requests"):
+            return self.conn.execute(self._sql["unpark_requests"]).fetchone()[0]
 
     def limits_active(self) -> tuple[bool, bool]:
         """Return whether net.destination_limits has any row, and any concurrency limit."""

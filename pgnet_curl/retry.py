@@ -28,6 +28,11 @@ def is_transient(status_code: int | None, curl_code: int, timed_out: bool) -> bo
     return curl_code in _TRANSIENT_CURL_CODES
 
 
+def is_network_failure(curl_code: int) -> bool:
+    """A libcurl error of the network or the peer (refused, reset, nothing received, a timeout...)."""
+    return curl_code in _TRANSIENT_CURL_CODES
+
+
 def backoff_ms(retries_done: int, base_ms: int, cap_ms: int, rng: random.Random | None = None) -> float:
     """Full jitter: uniform in [0, min(cap, base * 2^retries_done)] (AWS architecture blog)."""
     ceiling_ms = min(cap_ms, base_ms * 2 ** min(retries_done, 32))

@@ -24,7 +24,10 @@ log = logging.getLogger("pgnet_curl.install")
 
 # The tables a PostgreSQL crash must not empty: logged by default, unlogged (pg_net's trade-off:
 # less WAL, emptied by crash recovery) with `install --unlogged`. The queue's mode is the install's.
-TABLES = ("net.http_request_queue", "net._http_response", "net._http_request_archive")
+TABLES = ("net.http_request_queue", "net._http_response", "net._http_request_archive",
+          # Requests in line behind their key's head, the keys, the circuits and the requests they
+          # hold (sql/0012): as the queue.
+          "net._ordered_requests", "net._ordering_keys", "net._destination_circuits", "net._held_requests")
 # relpersistence of the tables -> the mode `status` and /healthz name, and what it means.
 _MODES = {"p": "durable", "u": "unlogged"}
 DURABILITY = {

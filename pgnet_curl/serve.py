@@ -23,6 +23,9 @@ _FLAG_TO_SETTING = {
     "drain_timeout": "drain_timeout_s",
     "deny_cidr": "deny_cidrs",
     "allow_cidr": "allow_cidrs",
+    "circuit_window": "circuit_window_s",
+    "circuit_cooldown": "circuit_cooldown_s",
+    "circuit_cooldown_cap": "circuit_cooldown_cap_s",
 }
 
 
@@ -83,6 +86,8 @@ def serve(dsns: list[str], data_dir: str | None, install_schema: bool, tuning: d
     values = {_FLAG_TO_SETTING.get(name, name): value for name, value in tuning.items() if value != ()}
     if values.get("synchronous_commit") is not None:
         values["synchronous_commit"] = values["synchronous_commit"] == "on"
+    if values.pop("no_circuit_breaker", None):
+        values["circuit_breaker"] = False
     embedded = None
     worker_dsns = list(dsns)
     if not dsns:

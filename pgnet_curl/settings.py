@@ -88,6 +88,18 @@ class Settings:
     deny_private: bool = False
     # Per-destination limits serve writes into net.destination_limits at start.
     destination_limits: tuple[DestinationLimit, ...] = ()
+    # What a dead-lettered head of an ordering key does: "continue" lets the next request of its
+    # key go, "halt" stops the key until net.retry_request replays it.
+    ordering_on_failure: str = "continue"
+    # Circuit breaker: this many consecutive failures to a host (connection errors, timeouts, 5xx)
+    # within the window open its circuit; its requests are held for a cool-down that doubles each
+    # time it opens again, up to the cap. Off: this serve counts no failures (it still holds the
+    # requests of circuits that other serves of the database opened).
+    circuit_breaker: bool = True
+    circuit_failures: int = 10
+    circuit_window_s: float = 60.0
+    circuit_cooldown_s: float = 5.0
+    circuit_cooldown_cap_s: float = 300.0
     # Which settings came from flags/env and so win over the database's pg_net.* values.
     pinned: frozenset = frozenset()
 
@@ -124,7 +136,7 @@ def build(**overrides) -> Settings:
 
 def _validate(settings: Settings) -> None:
     for name in ("workers", "batch_size", "max_inflight", "write_batch_size",
-                 "max_response_bytes", "max_attempts"):
+                 "max_response_bytes", "max_attempts", "circuit_failures"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
     for name in ("lease_grace_s", "flush_interval_ms", "poll_interval_s", "drain_timeout_s", "max_retries"):
@@ -135,6 +147,13 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
     if settings.notify_channel is not None and not 0 < len(settings.notify_channel.encode()) < 64:
         raise ConfigError("notify-channel must be a channel name of 1 to 63 bytes")
+    if settings.ordering_on_failure not in ("continue", "halt"):
+        raise ConfigError(f"ordering-on-failure must be continue or halt, got {settings.ordering_on_failure!r}")
+    for name in ("circuit_window_s", "circuit_cooldown_s", "circuit_cooldown_cap_s"):
+        if not getattr(settings, name) > 0:
+            raise ConfigError(f"{name.removesuffix('_s').replace('_', '-')} must be a positive number of seconds")
+    if settings.circuit_cooldown_cap_s < settings.circuit_cooldown_s:
+        raise ConfigError("circuit-cooldown-cap must be at least circuit-cooldown")
     _validate_transport(settings)
 
 

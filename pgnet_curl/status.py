@@ -13,6 +13,8 @@ from .settings import DEFAULT_BATCH_SIZE, DEFAULT_TTL, parse_interval, parse_pos
 OUTCOMES = ("success", "http_4xx", "http_5xx", "timeout", "error")
 # Oldest waiting request older than this (seconds) reads as "behind".
 BEHIND_AFTER_S = 10.0
+# The schema version that has ordering keys and circuits (sql/0012_ordering_and_circuits.sql).
+_ORDERING_AND_CIRCUITS_VERSION = 12
 
 
 def collect(dsn: str, minutes: int = 5) -> dict:
@@ -34,6 +36,10 @@ def collect(dsn: str, minutes: int = 5) -> dict:
             outcomes = dict(conn.execute(sql["status_outcomes"], {"minutes": minutes}).fetchall())
             batch_size, ttl = conn.execute(sql["read_settings"]).fetchone()
             durability = schema.persistence(conn)
+            circuits, ordering = [], None
+            if version >= _ORDERING_AND_CIRCUITS_VERSION:
+                circuits = conn.execute(sql["status_circuits"]).fetchall()
+                ordering = conn.execute(sql["status_ordering"]).fetchone()
     finally:
         conn.close()
     report = {
@@ -43,6 +49,11 @@ def collect(dsn: str, minutes: int = 5) -> dict:
         "queue": {"waiting": waiting, "in_flight": in_flight, "oldest_pending_s": oldest_s},
         "responses": {"minutes": minutes, **{name: outcomes.get(name, 0) for name in OUTCOMES}},
         "workers": _workers(workers),
+        "circuits": [{"host": host, "state": state, "failures": failures,
+                      "probe_in_s": None if state != "open" or probe_in_s is None else max(0.0, probe_in_s),
+                      "requests_held": held}
+                     for host, state, failures, probe_in_s, held in circuits],
+        "ordering": None if ordering is None else dict(zip(("keys", "requests_in_line", "halted_keys"), ordering)),
         "settings": {
             "pg_net.batch_size": _setting_text(batch_size, str(DEFAULT_BATCH_SIZE), DEFAULT_BATCH_SIZE,
                                                lambda text: parse_positive_int("pg_net.batch_size", text, 0)),
@@ -67,9 +78,11 @@ def verdict(report: dict) -> str:
     pending = queue["waiting"] + queue["in_flight"]
     if not workers:
         return f"DOWN: no worker connected; {pending} requests waiting" if pending else "DOWN: no worker connected"
+    held = [circuit["host"] for circuit in report.get("circuits", ()) if circuit["state"] != "closed"]
+    open_circuits = f"; circuit open for {', '.join(held)}" if held else ""
     if queue["oldest_pending_s"] is not None and queue["oldest_pending_s"] > BEHIND_AFTER_S:
-        return f"BEHIND: {pending} requests pending, oldest {queue['oldest_pending_s']:.1f} s old"
-    return f"OK: {len(workers)} workers connected, {pending} requests pending"
+        return f"BEHIND: {pending} requests pending, oldest {queue['oldest_pending_s']:.1f} s old{open_circuits}"
+    return f"OK: {len(workers)} workers connected, {pending} requests pending{open_circuits}"
 
 
 def render(report: dict, as_json: bool) -> str:
@@ -86,14 +99,35 @@ def render(report: dict, as_json: bool) -> str:
         f"queue      {queue['waiting']} waiting, {queue['in_flight']} in flight, oldest {oldest}",
         f"responses  last {responses['minutes']} min: "
         + ", ".join(f"{name} {responses[name]}" for name in OUTCOMES),
-        f"workers    {len(report['workers'])} connected",
     ]
+    ordering = report.get("ordering")
+    if ordering and ordering["keys"]:
+        lines.append(f"ordering   {ordering['keys']} keys, {ordering['requests_in_line']} requests in line behind "
+                     f"their heads, {ordering['halted_keys']} halted")
+    lines.extend(_circuit_lines(report.get("circuits", ())))
+    lines.append(f"workers    {len(report['workers'])} connected")
     for worker in report["workers"]:
         since = datetime.fromisoformat(worker["connected_since"]).strftime("%Y-%m-%d %H:%M:%S")
         lines.append(f"           {worker['application_name']} from {worker['client_addr'] or 'local socket'} "
                      f"since {since} ({worker['state']})")
     lines.append("settings   " + ", ".join(f"{name}={value}" for name, value in report["settings"].items()))
     return "\n".join(lines)
+
+
+def _circuit_lines(circuits: list[dict]) -> list[str]:
+    """One line per circuit that holds requests, then one for the hosts whose failures are counted."""
+    lines = []
+    for circuit in circuits:
+        if circuit["state"] == "closed":
+            continue
+        when = (f"probe in {circuit['probe_in_s']:.1f} s" if circuit["state"] == "open" and circuit["probe_in_s"] is not None
+                else "probe in flight")
+        lines.append(f"circuit    {circuit['state'].replace('_', '-')}: {circuit['host']} ({circuit['failures']} failures, "
+                     f"{circuit['requests_held']} requests held, {when})")
+    failing = [f"{c['host']} ({c['failures']})" for c in circuits if c["state"] == "closed"]
+    if failing:
+        lines.append(f"failing    {', '.join(failing)} consecutive failures")
+    return lines
 
 
 def _setting_text(raw: str | None, default_text: str, default, parse) -> str:

@@ -387,9 +387,15 @@ begin
         headers := net._normalize_headers(headers);
     end if;
 
-    insert into net.http_request_queue(method, url, headers, body, timeout_milliseconds, options)
-    values (upper(method), url, coalesce(headers, '{}'::jsonb), body, timeout_milliseconds, options)
-    returning id into request_id;
+    if options is null or not options ? 'ordering_key' then
+        insert into net.http_request_queue(method, url, headers, body, timeout_milliseconds, options)
+        values (upper(method), url, coalesce(headers, '{}'::jsonb), body, timeout_milliseconds, options)
+        returning id into request_id;
+    else
+        -- In line behind its key's head (sql/0012_ordering_and_circuits.sql).
+        request_id := net._queue_ordered(upper(method), url, coalesce(headers, '{}'::jsonb), body,
+                                         timeout_milliseconds, options);
+    end if;
 
     -- Delivered at commit, and collapsed to one per transaction by PostgreSQL.
     perform pg_notify('pgnet_curl_wake', '');
@@ -497,7 +503,9 @@ begin
     select * into rec from net._http_response r where r.id = request_id;
 
     if rec is null then
-        if exists (select 1 from net.http_request_queue q where q.id = request_id) then
+        if exists (select 1 from net.http_request_queue q where q.id = request_id)
+           or exists (select 1 from net._ordered_requests o where o.id = request_id)
+           or exists (select 1 from net._held_requests h where h.id = request_id) then
             return ('PENDING', 'request is pending processing', null)::net.http_response_result;
         end if;
         return ('ERROR', 'request matching request_id not found', null)::net.http_response_result;

@@ -3,9 +3,11 @@
 -- Any method token (PUT, PATCH, HEAD, OPTIONS, ...) and any body: bytes sent as given, with
 -- whatever Content-Type the headers name (none is added). pg_net's functions keep their rules.
 -- The delivery options (max_retries ... callback) are stored in the queue's `options` column
--- (sql/0007_delivery.sql); the whole function lives here, once. An install of version 3
--- had the six-argument form: drop it, or calls with six arguments would be ambiguous.
+-- (sql/0007_delivery.sql); the whole function lives here, once. Older installs had the six-argument
+-- form (version 3) and the twelve-argument one, without ordering_key (versions 7 to 11): drop them,
+-- or calls with that many arguments would be ambiguous.
 drop function if exists net.http_request(text, text, bytea, jsonb, jsonb, int);
+drop function if exists net.http_request(text, text, bytea, jsonb, jsonb, int, int, int, text, text, text, text);
 create or replace function net.http_request(
     method text,
     url text,
@@ -18,7 +20,8 @@ create or replace function net.http_request(
     notify_channel text default null,
     idempotency_key text default null,
     signing_key_id text default null,
-    callback text default null
+    callback text default null,
+    ordering_key text default null
 )
     returns bigint
     language plpgsql
@@ -48,14 +51,18 @@ begin
         raise exception 'no signing key named %: create one with net.rotate_signing_key(%)', quote_literal(signing_key_id), quote_literal(signing_key_id)
             using errcode = 'invalid_parameter_value';
     end if;
+    if ordering_key = '' then
+        raise exception 'ordering_key must not be empty (NULL: no ordering)' using errcode = 'invalid_parameter_value';
+    end if;
     perform net._check_callback(callback_fn, net._caller());
     -- The options, or NULL for a request that has none: a plain request takes the fast path.
     if num_nonnulls(max_retries, retry_backoff_milliseconds, notify_channel, idempotency_key, signing_key_id,
-                    callback_fn) > 0 then
+                    callback_fn, ordering_key) > 0 then
         options := jsonb_strip_nulls(jsonb_build_object(
             'max_retries', max_retries, 'retry_backoff_ms', retry_backoff_milliseconds,
             'notify_channel', notify_channel, 'idempotency_key', idempotency_key,
-            'signing_key_id', signing_key_id, 'callback', callback_fn::oid::bigint));
+            'signing_key_id', signing_key_id, 'callback', callback_fn::oid::bigint,
+            'ordering_key', ordering_key));
     end if;
     -- A signed request with no idempotency key is sent with webhook-id msg_<id>; its replays
     -- keep that id (net.retry_request).
@@ -63,7 +70,7 @@ begin
 end
 $$;
 
-comment on function net.http_request(text, text, bytea, jsonb, jsonb, int, int, int, text, text, text, text) is
-    'Queue a request with any method and body, and delivery options (pgnet-curl); returns the request id.';
+comment on function net.http_request(text, text, bytea, jsonb, jsonb, int, int, int, text, text, text, text, text) is
+    'Queue a request with any method and body, delivery options and an ordering key (pgnet-curl); returns the request id.';
 
 insert into net._schema_migrations(version) values (3) on conflict do nothing;

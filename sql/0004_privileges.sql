@@ -132,6 +132,16 @@ begin
             grant execute on function net._claim_limited(text, int, float8, bool), net._destination_limits_due_s(),
                 net._destination_limits_for(text[]) to pgnet_worker;
         end if;
+        -- Ordering and circuits (sql/0012_ordering_and_circuits.sql): the worker moves requests
+        -- in line into the queue only through the owner's functions.
+        if to_regclass('net._destination_circuits') is not null then
+            grant select, insert, update, delete on net._destination_circuits to pgnet_worker;
+            grant select on net._ordering_keys to pgnet_worker;
+            grant select, insert on net._held_requests to pgnet_worker;
+            grant execute on function net._url_host(text), net._circuit_held_hosts(), net._claim_probes(text, float8),
+                net._circuit_release(text[]),
+                net._ordering_advance(text[], text[], bigint[], bigint[], bool[], bool), net._ordering_release_idle(int, bool) to pgnet_worker;
+        end if;
     end if;
 
     if exists (select from pg_roles where rolname = 'pgnet_user') then
@@ -146,11 +156,14 @@ begin
         grant execute on all functions in schema net to pgnet_user;
         revoke execute on function net._apply_privileges() from pgnet_user;
         revoke execute on function net.rotate_signing_key(text, interval), net._run_callbacks(jsonb) from pgnet_user;
-        -- The worker's own claim helpers (sql/0008_destination_limits.sql).
+        -- The worker's own claim and write-back helpers (sql/0008_destination_limits.sql,
+        -- sql/0012_ordering_and_circuits.sql).
         for fn in
             select p.oid::regprocedure as signature from pg_proc p
             where p.pronamespace = 'net'::regnamespace
-              and p.proname in ('_claim_limited', '_destination_limits_due_s', '_destination_limits_for')
+              and p.proname in ('_claim_limited', '_destination_limits_due_s', '_destination_limits_for',
+                                '_circuit_held_hosts', '_claim_probes', '_circuit_release', '_ordering_advance',
+                                '_ordering_release_idle')
         loop
             execute format('revoke execute on function %s from pgnet_user', fn.signature);
         end loop;
@@ -160,6 +173,18 @@ begin
         grant select, delete on net._http_response to pgnet_user;
         grant select, update (replayed_as) on net._http_request_archive to pgnet_user;
         grant select on net.failed_requests to pgnet_user;
+        -- Ordered requests: a member queues its own in line, under its own keys (the request
+        -- functions run as the caller here).
+        if to_regclass('net._ordering_keys') is not null then
+            grant select, insert, update (state, halted_id, halted_root, changed_at) on net._ordering_keys to pgnet_user;
+            grant select, insert on net._ordered_requests to pgnet_user;
+            grant select on net._install_options to pgnet_user;
+            grant select on net.ordering_keys to pgnet_user;
+            grant select on net._held_requests to pgnet_user;
+            alter table net._ordering_keys enable row level security;
+            alter table net._ordered_requests enable row level security;
+            alter table net._held_requests enable row level security;
+        end if;
         alter table net.http_request_queue enable row level security;
         alter table net._http_response enable row level security;
         alter table net._http_request_archive enable row level security;
@@ -168,6 +193,14 @@ begin
         grant select on net.http_request_queue to public;
         grant select, delete on net._http_response to public;
         grant select on net.failed_requests to public;
+        if to_regclass('net._ordering_keys') is not null then
+            -- Requests waiting in line or held for a circuit are pending requests, as visible as the queue's.
+            grant select on net._ordered_requests, net._held_requests, net.ordering_keys, net.destination_status
+                to public;
+            alter table net._ordering_keys disable row level security;
+            alter table net._ordered_requests disable row level security;
+            alter table net._held_requests disable row level security;
+        end if;
         alter table net.http_request_queue disable row level security;
         alter table net._http_response disable row level security;
         alter table net._http_request_archive disable row level security;
@@ -183,6 +216,16 @@ begin
     drop policy if exists own_archive on net._http_request_archive;
     create policy own_archive on net._http_request_archive
         using (requested_by = current_user) with check (requested_by = current_user);
+    if to_regclass('net._ordering_keys') is not null then
+        drop policy if exists own_keys on net._ordering_keys;
+        create policy own_keys on net._ordering_keys
+            using (key_owner = current_user) with check (key_owner = current_user);
+        drop policy if exists own_requests on net._ordered_requests;
+        create policy own_requests on net._ordered_requests
+            using (requested_by = current_user) with check (requested_by = current_user and key_owner = current_user);
+        drop policy if exists own_requests on net._held_requests;
+        create policy own_requests on net._held_requests using (requested_by = current_user);
+    end if;
     if exists (select from pg_roles where rolname = 'pgnet_worker') then
         drop policy if exists worker_all on net.http_request_queue;
         create policy worker_all on net.http_request_queue to pgnet_worker using (true) with check (true);
@@ -190,6 +233,12 @@ begin
         create policy worker_all on net._http_response to pgnet_worker using (true) with check (true);
         drop policy if exists worker_all on net._http_request_archive;
         create policy worker_all on net._http_request_archive to pgnet_worker using (true) with check (true);
+        if to_regclass('net._ordering_keys') is not null then
+            drop policy if exists worker_all on net._ordering_keys;
+            create policy worker_all on net._ordering_keys to pgnet_worker using (true);
+            drop policy if exists worker_all on net._held_requests;
+            create policy worker_all on net._held_requests to pgnet_worker using (true) with check (true);
+        end if;
     end if;
 end
 $$;

@@ -164,6 +164,8 @@ as $$
 declare
     new_id bigint;
     done_as bigint;
+    failed record;
+    replay_options jsonb;
 begin
     select a.replayed_as into done_as
     from net.failed_requests a where a.id = request_id;
@@ -176,14 +178,20 @@ begin
             using errcode = 'unique_violation', hint = 'replay that one if it failed too';
     end if;
     -- A signed request sent as webhook-id msg_<id> keeps that id in its replays.
-    insert into net.http_request_queue(method, url, headers, body, timeout_milliseconds, options)
-    select a.method, a.url, a.headers, a.body, a.timeout_milliseconds,
-           coalesce(a.options, '{}'::jsonb)
-           || jsonb_build_object('replay_of', coalesce((a.options ->> 'replay_of')::bigint, a.id))
-           || case when a.options ? 'signing_key_id' and not a.options ? 'idempotency_key'
-                   then jsonb_build_object('idempotency_key', 'msg_' || a.id) else '{}'::jsonb end
-    from net._http_request_archive a where a.id = request_id
-    returning id into new_id;
+    select a.* into failed from net._http_request_archive a where a.id = request_id;
+    replay_options := coalesce(failed.options, '{}'::jsonb)
+        || jsonb_build_object('replay_of', coalesce((failed.options ->> 'replay_of')::bigint, failed.id))
+        || case when failed.options ? 'signing_key_id' and not failed.options ? 'idempotency_key'
+                then jsonb_build_object('idempotency_key', 'msg_' || failed.id) else '{}'::jsonb end;
+    if replay_options ? 'ordering_key' then
+        -- Back in line at its original's place (sql/0012_ordering_and_circuits.sql).
+        new_id := net._queue_ordered(failed.method, failed.url, failed.headers, failed.body,
+                                     failed.timeout_milliseconds, replay_options);
+    else
+        insert into net.http_request_queue(method, url, headers, body, timeout_milliseconds, options)
+        values (failed.method, failed.url, failed.headers, failed.body, failed.timeout_milliseconds, replay_options)
+        returning id into new_id;
+    end if;
     update net._http_request_archive set replayed_as = new_id where id = request_id;
     perform pg_notify('pgnet_curl_wake', '');
     return new_id;

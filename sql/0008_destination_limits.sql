@@ -175,6 +175,7 @@ declare
     -- before the host is computed), unless some limit is `*`, which matches every host.
     url_frags text[];
     any_star bool;
+    circuit_held text[];
 begin
     select coalesce(bool_or(l.host_pattern = '*'), false),
            coalesce(array_agg('%' || replace(replace(replace(ltrim(l.host_pattern, '*'), '\', '\\'), '%', '\%'), '_', '\_')
@@ -195,6 +196,12 @@ begin
         from net._destination_buckets b
         join net.destination_limits l on l.host_pattern = b.host_pattern
     ) h;
+    -- Hosts whose circuit is open or half-open (sql/0012_ordering_and_circuits.sql) wait too:
+    -- their requests' hosts are computed, as a limited host's are.
+    circuit_held := net._circuit_held_hosts();
+    held := held || circuit_held;
+    url_frags := url_frags || array(select '%' || replace(replace(replace(h, '\', '\\'), '%', '\%'), '_', '\_') || '%'
+                                    from unnest(circuit_held) as h);
     for round in 1..3 loop
         select coalesce(array_agg(c.id order by c.id), '{}'), coalesce(array_agg(coalesce(c.host, '') order by c.id), '{}')
         into candidate_ids, candidate_hosts

@@ -91,15 +91,21 @@ on conflict (id) do nothing;
 -- write_back for the rows that use a delivery feature, in one statement: a request that will
 -- be tried again goes back with its not-before time; the per-destination concurrency a request
 -- held is released; a failed request is archived whole for replay; the completion NOTIFY is
--- sent in the same transaction as the row. Rows as in write_back, with two more elements:
--- retry_in_ms and failed. Returns (rows stored or rescheduled, NOTIFYs sent (a CTE that is not
--- read does not run), the [id, callback oid, requested_by] of stored rows whose request has a
--- SQL callback, as JSON).
+-- sent in the same transaction as the row; an ordered head's key lets its next request in (or
+-- halts, with %(halt)s); failures count towards their host's circuit, and a probe's outcome
+-- closes or reopens it (sql/0012_ordering_and_circuits.sql). Rows as in write_back, with four
+-- more elements: retry_in_ms, failed, circuit_failure (a connection error, timeout or 5xx) and
+-- probe (the request was its circuit's probe). Returns (rows stored or rescheduled, NOTIFYs
+-- sent (a CTE that is not read does not run), the [id, callback oid, requested_by] of stored
+-- rows whose request has a SQL callback, as JSON, {requests let into the queue, keys turned
+-- idle, keys halted} or NULL, the hosts whose circuit this opened, as JSON, circuits closed, held
+-- requests moved back into the queue).
 with r as (
     select (e ->> 0)::bigint as id, (e ->> 1)::int as status_code, e ->> 2 as content_type,
            e -> 3 as headers, e ->> 4 as content, decode(e ->> 5, 'base64') as content_bytes,
            (e ->> 6)::bool as timed_out, e ->> 7 as error_msg, e ->> 8 as error_detail, (e ->> 9)::int as attempts,
-           (e ->> 10)::float8 as retry_in_ms, (e ->> 11)::bool as failed
+           (e ->> 10)::float8 as retry_in_ms, (e ->> 11)::bool as failed, (e ->> 12)::bool as circuit_failure,
+           (e ->> 13)::bool as probe
     from jsonb_array_elements(%(rows)s::jsonb) as e
 ), rescheduled as (
     -- `q.id = any(array(...))` keeps the update on the primary key: a join alone seq-scans the queue.
@@ -109,7 +115,7 @@ with r as (
     from r
     where q.id = any(array(select id from r where retry_in_ms is not null))
       and q.id = r.id and r.retry_in_ms is not null and q.lease_owner = %(owner)s
-    returning q.id
+    returning q.id, q.url
 ), unleased as (
     -- The per-destination concurrency these requests held (sql/0008_destination_limits.sql).
     delete from net._destination_leases
@@ -140,11 +146,94 @@ with r as (
     select pg_notify(c.channel, c.id::text)
     from (select d.id, coalesce(d.options ->> 'notify_channel', %(notify_channel)s::text) as channel from done d) c
     where c.channel is not null and c.id = any(array(select id from stored))
+), ordered as (
+    -- Finished ordered heads: the next in line goes into the queue, or the key halts.
+    select net._ordering_advance(f.requested_by, f.ordering_keys, f.ids, f.roots, f.failed, %(halt)s) as counts
+    from (select array_agg(d.requested_by::text) as requested_by, array_agg(d.options ->> 'ordering_key') as ordering_keys,
+                 array_agg(d.id) as ids, array_agg(coalesce((d.options ->> 'replay_of')::bigint, d.id)) as roots,
+                 array_agg(r.failed) as failed
+          from done d join r on r.id = d.id
+          where d.options ? 'ordering_key') f
+    where f.ids is not null
+), circuit_hosts as (
+    -- Failures and probe outcomes by destination host.
+    select net._url_host(u.url) as host, count(*) filter (where r.circuit_failure) as failures,
+           coalesce(bool_or(r.probe and r.circuit_failure), false) as probe_failed,
+           coalesce(bool_or(r.probe and not r.circuit_failure), false) as probe_succeeded
+    from r
+    join (select id, url from done union all select id, url from rescheduled) u on u.id = r.id
+    where r.circuit_failure or r.probe
+    group by 1
+), closed as (
+    -- The probe went through: the circuit closes, and the requests held for it go again.
+    delete from net._destination_circuits c
+    using circuit_hosts h
+    where c.host = h.host and h.probe_succeeded and c.state = 'half_open'
+    returning c.host
+), released_held as (
+    -- Its held requests go back into the queue (as the owner: the worker may not insert there).
+    select net._circuit_release(array_agg(c.host)) as moved
+    from closed c
+    having count(*) > 0
+), reopened as (
+    -- The probe failed: open again, for twice as long.
+    update net._destination_circuits c
+    set state = 'open', opens = c.opens + 1, failures = c.failures + h.failures, last_failure_at = clock_timestamp(),
+        opened_at = now(), probe_id = null, probe_expires_at = null,
+        retry_at = clock_timestamp() + make_interval(secs => least(%(circuit_cooldown_cap_s)s::float8,
+                                                                   %(circuit_cooldown_s)s::float8 * 2.0 ^ c.opens))
+    from circuit_hosts h
+    where c.host = h.host and h.probe_failed and c.state = 'half_open'
+    returning c.host
+), counted as (
+    -- Other failures: counted while the circuit is closed, within the window; at the threshold it opens.
+    insert into net._destination_circuits as c (host, failures, first_failure_at, last_failure_at, state, opens,
+                                                 opened_at, retry_at)
+    select h.host, h.failures, clock_timestamp(), clock_timestamp(),
+           case when h.failures >= %(circuit_threshold)s then 'open' else 'closed' end,
+           case when h.failures >= %(circuit_threshold)s then 1 else 0 end,
+           case when h.failures >= %(circuit_threshold)s then now() end,
+           case when h.failures >= %(circuit_threshold)s
+                then clock_timestamp() + make_interval(secs => least(%(circuit_cooldown_cap_s)s::float8,
+                                                                     %(circuit_cooldown_s)s::float8)) end
+    from circuit_hosts h
+    where %(circuit_threshold)s::int > 0 and h.failures > 0 and not h.probe_failed and not h.probe_succeeded
+    on conflict (host) do update
+    set failures = case when c.state = 'closed' and c.first_failure_at < clock_timestamp()
+                                 - make_interval(secs => %(circuit_window_s)s::float8)
+                        then excluded.failures else c.failures + excluded.failures end,
+        first_failure_at = case when c.state = 'closed' and c.first_failure_at < clock_timestamp()
+                                         - make_interval(secs => %(circuit_window_s)s::float8)
+                                then clock_timestamp() else c.first_failure_at end,
+        last_failure_at = clock_timestamp(),
+        state = case when c.state = 'closed'
+                          and case when c.first_failure_at < clock_timestamp() - make_interval(secs => %(circuit_window_s)s::float8)
+                                   then excluded.failures else c.failures + excluded.failures end >= %(circuit_threshold)s
+                     then 'open' else c.state end,
+        opens = case when c.state = 'closed'
+                          and case when c.first_failure_at < clock_timestamp() - make_interval(secs => %(circuit_window_s)s::float8)
+                                   then excluded.failures else c.failures + excluded.failures end >= %(circuit_threshold)s
+                     then c.opens + 1 else c.opens end,
+        opened_at = case when c.state = 'closed'
+                              and case when c.first_failure_at < clock_timestamp() - make_interval(secs => %(circuit_window_s)s::float8)
+                                       then excluded.failures else c.failures + excluded.failures end >= %(circuit_threshold)s
+                         then now() else c.opened_at end,
+        retry_at = case when c.state = 'closed'
+                             and case when c.first_failure_at < clock_timestamp() - make_interval(secs => %(circuit_window_s)s::float8)
+                                      then excluded.failures else c.failures + excluded.failures end >= %(circuit_threshold)s
+                        then clock_timestamp() + make_interval(secs => least(%(circuit_cooldown_cap_s)s::float8,
+                                                                             %(circuit_cooldown_s)s::float8 * 2.0 ^ c.opens))
+                        else c.retry_at end
+    returning c.host, c.state = 'open' and c.opened_at = now() as opened
 )
 select (select count(*) from stored) + (select count(*) from rescheduled),
        (select count(*) from notified),
        (select jsonb_agg(jsonb_build_array(d.id, (d.options ->> 'callback')::oid, d.requested_by))
-        from done d where d.options ? 'callback' and d.id = any(array(select id from stored)));
+        from done d where d.options ? 'callback' and d.id = any(array(select id from stored))),
+       (select counts from ordered),
+       (select jsonb_agg(o.host) from (select host from counted where opened union all select host from reopened) o),
+       (select count(*) from closed),
+       (select moved from released_held);
 
 -- name: run_callbacks
 -- Run the SQL callbacks of responses just stored, in the write-back's transaction.
@@ -313,3 +402,128 @@ returning id, method, url, headers::text, body, timeout_milliseconds,
 -- when that row expires.
 select extract(epoch from now() - least((select min(created) from net._http_response),
                                         (select min(archived_at) from net._http_request_archive)))::float8;
+
+-- name: write_back_ordered
+-- write_back for answered requests that have an ordering key and use no other delivery feature:
+-- store and dequeue them as write_back does, and let each key's next request into the queue
+-- (sql/0012_ordering_and_circuits.sql). Rows and %(release_slots)s as in write_back. Returns
+-- (rows stored, {requests let into the queue, keys turned idle, keys halted}).
+with r as (
+    select (e ->> 0)::bigint as id, (e ->> 1)::int as status_code, e ->> 2 as content_type,
+           e -> 3 as headers, e ->> 4 as content, decode(e ->> 5, 'base64') as content_bytes,
+           (e ->> 6)::bool as timed_out, e ->> 7 as error_msg, e ->> 8 as error_detail, (e ->> 9)::int as attempts
+    from jsonb_array_elements(%(rows)s::jsonb) as e
+), unleased as (
+    delete from net._destination_leases
+    where %(release_slots)s and id = any(array(select id from r)) and owner = %(owner)s
+), done as (
+    delete from net.http_request_queue
+    where id = any(array(select id from r)) and lease_owner = %(owner)s
+    returning id, requested_by, options
+), stored as (
+    insert into net._http_response
+        (id, status_code, content_type, headers, content, content_bytes, timed_out, error_msg, error_detail,
+         requested_by, attempts)
+    select r.id, r.status_code, r.content_type, nullif(r.headers, 'null'), r.content, r.content_bytes, r.timed_out,
+           r.error_msg, r.error_detail, done.requested_by, r.attempts
+    from r join done on done.id = r.id
+    on conflict (id) do nothing
+    returning id
+), ordered as (
+    select net._ordering_advance(f.requested_by, f.ordering_keys, f.ids, f.roots, f.failed, false) as counts
+    from (select array_agg(d.requested_by::text) as requested_by, array_agg(d.options ->> 'ordering_key') as ordering_keys,
+                 array_agg(d.id) as ids, array_agg(coalesce((d.options ->> 'replay_of')::bigint, d.id)) as roots,
+                 array_agg(false) as failed
+          from done d where d.options ? 'ordering_key') f
+    where f.ids is not null
+)
+select (select count(*) from stored), (select counts from ordered);
+
+-- name: release_idle_keys
+-- Let the next request of idle ordering keys into the queue, or forget the keys with nothing in
+-- line; with %(sweep)s, first look for open keys whose head left the queue by other means.
+-- Returns {requests let in, keys still idle (a caller was adding to them: come back)}.
+select net._ordering_release_idle(%(max_keys)s, %(sweep)s);
+
+-- name: claim_circuits
+-- The claim while some circuit is open or half-open: claim's lease, on the oldest claimable rows
+-- whose host's circuit is not held. Rows of held hosts met on the way are set aside, whole, in
+-- net._held_requests (attempts, not_before, retries and timeout kept; not sent, not failed), out
+-- of every claim's path; closing the circuit moves them back (sql/0012_ordering_and_circuits.sql).
+-- A URL that cannot hold a held host's name (the LIKE patterns) is not parsed. %(overdue_only)s:
+-- the safety poll's claim, of expired leases and due retries only (as claim_overdue). Returns
+-- claim's columns (the worker reads both the same way).
+with held as (
+    select hosts, array(select '%%' || replace(replace(replace(h, '\', '\\'), '%%', '\%%'), '_', '\_') || '%%'
+                        from unnest(hosts) as h) as frags
+    from (select net._circuit_held_hosts() as hosts) s
+), candidates as (
+    select q.id, case when lower(q.url) like any(held.frags) then coalesce(net._url_host(q.url), '') else '' end as host
+    from net.http_request_queue q, held
+    where (q.lease_expires_at is null or q.lease_expires_at < clock_timestamp())
+      and (q.not_before is null or q.not_before <= clock_timestamp())
+      and (not %(overdue_only)s or q.lease_expires_at is not null or q.not_before is not null)
+    order by q.id
+    limit %(limit)s
+    for update of q skip locked
+), set_aside as (
+    delete from net.http_request_queue q
+    using candidates c, held
+    where q.id = c.id and c.host = any(held.hosts)
+    returning q.id, c.host, q.method, q.url, q.headers, q.body, q.timeout_milliseconds, q.created_at, q.attempts,
+              q.not_before, q.retries, q.options, q.requested_by
+), kept as (
+    insert into net._held_requests (id, host, method, url, headers, body, timeout_milliseconds, created_at, attempts,
+                                    not_before, retries, options, requested_by)
+    select id, host, method, url, headers, body, timeout_milliseconds, created_at, attempts, not_before, retries,
+           options, requested_by
+    from set_aside
+)
+update net.http_request_queue q
+set lease_owner = %(owner)s,
+    lease_expires_at = clock_timestamp()
+        + make_interval(secs => q.timeout_milliseconds / 1000.0 + %(grace_s)s),
+    attempts = q.attempts + 1
+from candidates c, held
+where q.id = c.id and c.host <> all(held.hosts)
+returning q.id, q.method, q.url, q.headers::text, q.body, q.timeout_milliseconds,
+          q.attempts, extract(epoch from q.created_at)::float8, q.retries, q.options::text, q.tableoid;
+
+-- name: claim_probes
+-- One probe for each circuit whose cool-down is over, leased to this worker: it turns half-open
+-- (sql/0012_ordering_and_circuits.sql). Claim's columns.
+select id, method, url, headers, body, timeout_milliseconds, attempts, created_epoch, retries, options, tableoid
+from net._claim_probes(%(owner)s, %(grace_s)s);
+
+-- name: feature_state
+-- Read at connect, at each safety poll and when a circuit changes: whether any ordering key has
+-- requests in line, whether any is idle (its next request is to be let in), and every host the
+-- circuit breaker knows as a JSON array of [host, state, failures, seconds until its probe is due
+-- (open) or expires (half-open)].
+select exists (select from net._ordering_keys), exists (select from net._ordering_keys where state = 'idle'),
+       (select jsonb_agg(jsonb_build_array(host, state, failures,
+                         extract(epoch from case when state = 'open' then retry_at
+                                                 when state = 'half_open' then probe_expires_at end
+                                            - clock_timestamp())::float8))
+        from net._destination_circuits);
+
+-- name: reset_circuits
+-- A request to these hosts succeeded: their run of failures is over.
+delete from net._destination_circuits where host = any(%(hosts)s::text[]) and state = 'closed';
+
+-- name: unpark_requests
+-- Move back the held requests of circuits no longer held: a claim that set one aside while a
+-- probe's write-back was closing its circuit, a circuit row deleted by hand.
+select net._circuit_release(null);
+
+-- name: status_circuits
+-- For `pgnet-curl status`: circuits that are not closed, and hosts with failures counted.
+select host, state, failures, extract(epoch from retry_at - clock_timestamp())::float8,
+       (select count(*) from net._held_requests h where h.host = c.host)
+from net._destination_circuits c
+order by state <> 'closed' desc, host;
+
+-- name: status_ordering
+-- For `pgnet-curl status`: keys with requests in line, requests waiting behind heads, halted keys.
+select (select count(*) from net._ordering_keys), (select count(*) from net._ordered_requests),
+       (select count(*) from net._ordering_keys where state = 'halted');

@@ -1,5 +1,7 @@
-"""When to claim, how many, and how: the plain claim, or the limited one while destination limits exist;
-and the safety poll's claim, of what no wake announces."""
+"""When to claim, how many, and how: the plain claim, the limited one while destination limits exist,
+the one that holds requests to open circuits while some are open, and their probes; letting idle
+ordering keys' next requests into the queue first; and the safety poll's claim, of what no wake
+announces."""
 
 from __future__ import annotations
 
@@ -8,22 +10,32 @@ import time
 
 from ..curl_driver import CurlDriver
 from ..model import Request
-from ..queue import Queue
+from ..queue import Queue, WriteEffects
+from .circuits import Circuits
 from .context import WorkerContext
 
 # Calls for help (a NOTIFY that wakes every worker) at most this often.
 _HELP_INTERVAL_S = 0.05
+# Idle ordering keys looked at per statement; keys a caller was adding to are looked at again
+# after a wait that doubles from the first to the second figure.
+_IDLE_KEYS_PER_CALL = 500
+_IDLE_RETRY_MIN_S, _IDLE_RETRY_MAX_S = 0.02, 1.0
 
 
 class Claimer:
     """Lease requests up to the free slots; wake the other workers when there is more than we take."""
 
-    def __init__(self, ctx: WorkerContext, driver: CurlDriver):
+    def __init__(self, ctx: WorkerContext, driver: CurlDriver, circuits: Circuits):
         self.ctx = ctx
         self.driver = driver
+        self.circuits = circuits
         # Whether net.destination_limits has rows (claim with claim_limited then), and whether
         # any caps concurrency (then a write-back may free a slot: claim again after it).
         self.limits_active = self.concurrency_limited = False
+        # When to let idle ordering keys' next requests in (a write-back found nothing in line it
+        # could see: one may have joined since), or None.
+        self.idle_keys_due_s: float | None = None
+        self._idle_retry_s = _IDLE_RETRY_MIN_S
         # Monotonic times at which retries this worker put back become due, and hosts its
         # claims found held back by a rate limit get tokens again (a heap): claim again then.
         self._due_s: list[float] = []
@@ -57,12 +69,22 @@ class Claimer:
         return claimed
 
     def next_due_s(self) -> float | None:
-        return self._due_s[0] if self._due_s else None
+        due = self._due_s[0] if self._due_s else None
+        idle_s, probe_s = self.idle_keys_due_s, self.circuits.probe_due_s
+        if idle_s is None and probe_s is None:
+            return due  # every loop turn asks: keep the usual case short
+        for other in (idle_s, probe_s):
+            if other is not None and (due is None or other < due):
+                due = other
+        return due
 
     def wake_if_due(self, now: float) -> None:
         if self._due_s and now >= self._due_s[0]:
             while self._due_s and now >= self._due_s[0]:
                 heapq.heappop(self._due_s)
+            self.ctx.wakeups.claim = True
+        idle_s, probe_s = self.idle_keys_due_s, self.circuits.probe_due_s
+        if (idle_s is not None and now >= idle_s) or (probe_s is not None and now >= probe_s):
             self.ctx.wakeups.claim = True
 
     def claim(self, queue: Queue, now: float) -> list[Request] | None:
@@ -83,17 +105,24 @@ class Claimer:
                 self.ask_for_help(queue, now)
             return None
         limit = min(ctx.settings.batch_size, self.free_slots())
+        if self.idle_keys_due_s is not None and now >= self.idle_keys_due_s:
+            self._release_idle_keys(queue, now)
         # A wake's claim takes overdue rows too; the safety poll's takes nothing else. The wake
         # is taken now: one that arrives during the statement (whose snapshot may predate the
         # row it announces) asks for the next claim.
         self._overdue = not wakeups.claim
         wakeups.claim = wakeups.overdue = False
-        if self._overdue and not self.limits_active:
-            requests = queue.claim_overdue(limit, ctx.settings.lease_grace_s)
+        requests = []
+        if self.circuits.probe_due_s is not None and now >= self.circuits.probe_due_s:
+            requests = queue.claim_probes(ctx.settings.lease_grace_s)
+            self.circuits.probed(now)
+        held = bool(self.circuits.held)
+        if self._overdue and not self.limits_active and not held:
+            requests += queue.claim_overdue(limit - len(requests), ctx.settings.lease_grace_s)
         else:
             self._claimed_since_poll |= not self._overdue
-            requests = queue.claim(limit, ctx.settings.lease_grace_s, limited=self.limits_active,
-                                   slots=self.concurrency_limited, overdue_only=self._overdue)
+            requests += queue.claim(limit - len(requests), ctx.settings.lease_grace_s, limited=self.limits_active,
+                                    slots=self.concurrency_limited, overdue_only=self._overdue, circuits=held)
         if self.limits_active and len(requests) < limit:
             due_s = queue.limits_due_s()
             if due_s is not None:
@@ -126,10 +155,29 @@ class Claimer:
         self._next_help_s = now + _HELP_INTERVAL_S
         queue.ask_for_help()
 
-    def after_write(self, written: int, retry_delays_ms: list[float], now: float) -> None:
-        """Claim again when a written response may have freed a host's concurrency, and when each
-        retry put back becomes due (its not_before was set by the database before now)."""
-        if self.concurrency_limited and written:
+    def after_write(self, written: int, retry_delays_ms: list[float], effects: WriteEffects, now: float) -> None:
+        """Claim again when a written response may have freed a host's concurrency, let an ordering
+        key's next request in, or closed a circuit; and when each retry put back becomes due (its
+        not_before was set by the database before now)."""
+        if (self.concurrency_limited and written) or effects.released or effects.closed:
             self.ctx.wakeups.claim = True
+        if effects.idled:
+            self.idle_keys_due_s = now
+            self.ctx.wakeups.claim = True
+        self.circuits.opened(effects.opened, now)
+        self.circuits.written()
         for delay_ms in retry_delays_ms:
             heapq.heappush(self._due_s, now + delay_ms / 1000)
+
+    def _release_idle_keys(self, queue: Queue, now: float) -> None:
+        """Let idle ordering keys' next requests in; come back for keys a caller is adding to."""
+        released, still_idle = queue.release_idle_keys(_IDLE_KEYS_PER_CALL)
+        if released:
+            # New rows in the queue, as a wake announces them: this claim takes them.
+            self.ctx.wakeups.claim = True
+        if still_idle:
+            self.idle_keys_due_s = now + self._idle_retry_s
+            self._idle_retry_s = min(self._idle_retry_s * 2, _IDLE_RETRY_MAX_S)
+        else:
+            self.idle_keys_due_s = None
+            self._idle_retry_s = _IDLE_RETRY_MIN_S

@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass, field
 
 from .. import metrics
+from ..queue import CircuitParams
 from ..settings import Settings
 
 
@@ -30,9 +31,10 @@ class Wakeups:
     restart: bool = False
     # SIGHUP: read pg_net's settings again (and say what they are).
     reload: bool = False
-    # The signing keys or the destination limits changed.
+    # The signing keys, the destination limits or the circuits changed.
     keys: bool = False
     limits: bool = False
+    circuits: bool = False
     # The install script committed: check the schema now, not at the next check.
     check: bool = False
 
@@ -56,9 +58,14 @@ class WorkerContext:
     # Moving to the database pg_net.database_name names: claim nothing until what is in flight
     # here is answered (and written here).
     holding: bool = False
+    # How failures open circuits, for the write-back (failures 0 with --no-circuit-breaker: none counted).
+    circuit_params: CircuitParams = CircuitParams()
 
     @classmethod
     def create(cls, settings: Settings, index: int, run_id: str | None, database: str) -> "WorkerContext":
         bound = metrics.DatabaseMetrics(database)
         owner = lease_owner(socket.gethostname(), run_id or secrets.token_hex(4), os.getpid())
-        return cls(settings, index, database, owner, bound, metrics.Tally(bound))
+        circuit_params = CircuitParams(settings.circuit_failures if settings.circuit_breaker else 0,
+                                       settings.circuit_window_s, settings.circuit_cooldown_s,
+                                       settings.circuit_cooldown_cap_s)
+        return cls(settings, index, database, owner, bound, metrics.Tally(bound), circuit_params=circuit_params)

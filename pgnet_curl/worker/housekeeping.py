@@ -4,6 +4,7 @@ and the safety poll."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 from .. import schema
@@ -25,6 +26,9 @@ SCHEMA_WAIT_CHECK_S = 0.5
 _SIGNING_KEYS_REFRESH_S = 60.0
 # Token buckets that are full again (and slots of dead workers) are forgotten this often.
 _IDLE_BUCKETS_EVERY_S = 30.0
+# Worker 1 looks this often for ordering keys whose head left the queue by other means than a
+# write-back (a delete by hand, a truncate): a scan of the queue.
+_ORDERING_SWEEP_S = 60.0
 
 
 class Housekeeping:
@@ -47,6 +51,7 @@ class Housekeeping:
         # A schema net this worker cannot read (not pgnet-curl's) was reported.
         self._unreadable_seen = False
         self._limits_written_oid: int | None = None
+        self._next_ordering_sweep_s = 0.0
 
     def start(self, now: float) -> None:
         self.next_poll_s = now + self.ctx.settings.poll_interval_s
@@ -61,6 +66,7 @@ class Housekeeping:
             if queue_oid is not None:
                 self.outcome.signing_keys = queue.signing_keys()
                 self.claimer.limits_active, self.claimer.concurrency_limited = queue.limits_active()
+                self._read_features(queue, time.monotonic())
         except SchemaError:
             # Dropped between the check and these reads: connected, waiting for it.
             queue_oid = None
@@ -143,6 +149,7 @@ class Housekeeping:
         if not self.session.connected or not self.session.serving:
             return
         queue = self.session.queue
+        self.claimer.circuits.expire(now)
         if now >= self.next_poll_s:
             # What no wake announces: leases that expired, retries that are due (not new rows).
             # A wake's claim since the last poll took those too.
@@ -151,6 +158,14 @@ class Housekeeping:
             self.next_poll_s = now + self.ctx.settings.poll_interval_s
             if self.ctx.index == 1:
                 self._sample_queue(queue)
+            # Also the safety net under the circuits' NOTIFYs, and the ordering keys' write-backs.
+            wakeups.circuits = False
+            self._read_features(queue, now, poll=True)
+        if wakeups.circuits:
+            wakeups.circuits = False
+            self._read_features(queue, now)
+            # A closed circuit's requests are back in the queue: that is a wake.
+            wakeups.claim = True
         limits_changed = wakeups.limits
         if wakeups.keys or now >= self._next_keys_s:
             # Also a safety net under the NOTIFYs of key and limit changes.
@@ -187,6 +202,25 @@ class Housekeeping:
             return
         self._limits_written_oid = self.session.queue_oid
         log.info("destination limits set: %s", ", ".join(limit.host_pattern for limit in settings.destination_limits))
+
+    def _read_features(self, queue: Queue, now: float, poll: bool = False) -> None:
+        """The circuits to hold requests for, and at a poll the ordering keys' and circuits' sweeps."""
+        ordering, idle, circuits = queue.feature_state()
+        self.claimer.circuits.on_state(circuits, now)
+        if idle:
+            # E.g. a key its write-back left idle, whose worker then died: let its next request in.
+            self.claimer.idle_keys_due_s = now
+        if not poll:
+            return
+        if ordering:
+            if self.ctx.index == 1 and now >= self._next_ordering_sweep_s:
+                self._next_ordering_sweep_s = now + _ORDERING_SWEEP_S
+                queue.release_idle_keys(0, sweep=True)
+                self.claimer.idle_keys_due_s = now
+        if self.ctx.index == 1:
+            self.claimer.circuits.publish(circuits)
+            if self.claimer.circuits.held or now < self.claimer.circuits.held_until_s:
+                queue.unpark_requests()
 
     def _sample_queue(self, queue: Queue) -> None:
         """Queue depth and oldest pending age, sampled at the poll by one worker (not per request)."""

@@ -84,7 +84,8 @@ class Lifecycle:
         is off). Otherwise each waits for its lease to expire."""
         if not (self.session.connected and self.session.serving) or self.ctx.stats["reconnects"] == 0:
             return
-        held = self.driver.inflight_ids() + [response.id for response in self.writeback.pending]
+        held = (self.driver.inflight_ids() + [response.id for response in self.writeback.pending]
+                + [request.id for request in self.claimer.circuits.waiting() + self.claimer.circuits.ready])
         try:
             released = self.session.queue.release_unheld(held)
         except PgnetCurlError as exc:
@@ -190,8 +191,9 @@ class Lifecycle:
         # Only worker 1 tells: one line per change, not one per worker.
         say = log.info if self.ctx.index == 1 else log.debug
         if was is not None:
-            lost = len(self.driver.abort_all()) + len(self.writeback.pending)
+            lost = len(self.driver.abort_all()) + len(self.writeback.pending) + len(self.claimer.circuits.waiting())
             self.writeback.pending.clear()
+            self.claimer.circuits.forget()
             if lost:
                 log.warning("worker %d: the net schema was dropped with %d requests in flight or unwritten; "
                             "they are gone with it", self.ctx.index, lost)
@@ -208,14 +210,15 @@ class Lifecycle:
             self.connect()
 
     def flush(self, everything: bool) -> None:
-        """Write pending responses; tell the claimer what that freed and put back, and the TTL
-        passes that a response is stored (no query: the oldest one is known)."""
-        written, retry_delays_ms = self.writeback.flush(self.session.queue, everything)
+        """Write pending responses; tell the claimer what that freed, put back and let in, and the
+        TTL passes that a response is stored (no query: the oldest one is known)."""
+        queue = self.session.queue
+        written, retry_delays_ms = self.writeback.flush(queue, everything)
         now = time.monotonic()
         self.session.writes_accepted(written)
         if written:
             self.housekeeping.expiry.written(now)
-        self.claimer.after_write(written, retry_delays_ms, now)
+        self.claimer.after_write(written, retry_delays_ms, queue.take_effects(), now)
 
     def restart(self, now: float) -> None:
         """net.worker_restart(): a new database session, so every pg_net.* setting applies anew,

@@ -1,8 +1,9 @@
 """One worker process: a single event loop over curl's sockets and timer, the database session
 (LISTEN) and the write-back timer, passing each request on through the stages.
 
-Data flows one way: session -> claimer -> outcome.before_send -> curl driver ->
-outcome.after_finish -> write-back -> metrics; housekeeping keeps the session's view current.
+Data flows one way: session -> claimer -> outcome.before_send -> circuits.admit -> curl driver ->
+outcome.after_finish -> circuits.after_finish -> write-back -> metrics; housekeeping keeps the
+session's view current.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..errors import PgnetCurlError
 from ..model import Request, Response
 from ..redact import safe_url
 from ..settings import Settings
+from .circuits import Circuits
 from .claimer import Claimer
 from .context import WorkerContext
 from .housekeeping import Housekeeping
@@ -52,7 +54,8 @@ class Worker:
                                  destination_policy=DestinationPolicy(
                                      settings.deny_cidrs, settings.allow_cidrs, settings.deny_private))
         self.session = Session(ctx, self.poller, self._run_transfers_while_waiting)
-        self.claimer = Claimer(ctx, self.driver)
+        self.circuits = Circuits(ctx)
+        self.claimer = Claimer(ctx, self.driver, self.circuits)
         self.outcome = Outcome(ctx)
         self.writeback = WriteBack(ctx)
         self.lifecycle = Lifecycle(ctx, self.session, self.driver, self.claimer, self.writeback)
@@ -92,6 +95,9 @@ class Worker:
                  self.driver.inflight, len(self.writeback.pending))
         self.ctx.stopping = True
         self._drain_deadline_s = time.monotonic() + self.ctx.settings.drain_timeout_s
+        # Claimed requests waiting for a failing host are in flight as far as a drain goes.
+        for request in self.circuits.take_waiting():
+            self.driver.add(request)
 
     def _finished(self) -> bool:
         if not self.ctx.stopping:
@@ -101,7 +107,8 @@ class Worker:
         return time.monotonic() >= self._drain_deadline_s
 
     def _shutdown(self) -> None:
-        unfinished = self.driver.abort_all()
+        unfinished = (self.driver.abort_all() + self.circuits.waiting() + self.circuits.take_ready()
+                      + self.circuits.to_release)
         pending = self.writeback.pending
         if self.session.connected and self.session.serving:
             try:
@@ -163,8 +170,11 @@ class Worker:
         finished = self.driver.take_finished()
         if finished:
             self.outcome.after_finish(finished)
+            admitted = self.circuits.after_finish(finished, now)
             self.writeback.add(finished, now)
             self._count_finished(finished)
+            for request in admitted:
+                self.driver.add(request)
         if self.ctx.tally.pending and now >= self._next_metrics_flush_s:
             self._publish_metrics(now)
         if not self.session.connected:
@@ -255,6 +265,14 @@ class Worker:
 
     def _claim(self, now: float) -> None:
         queue = self.session.queue
+        circuits = self.circuits
+        if circuits.ready:
+            for request in circuits.take_ready():
+                self.driver.add(request)
+        if circuits.to_release or circuits.resets:
+            self._guarded(circuits.flush, queue)
+            if not self.session.connected:
+                return
         try:
             requests = self.claimer.claim(queue, now)
         except PgnetCurlError as exc:
@@ -283,8 +301,12 @@ class Worker:
                 self.lifecycle.on_db_error(exc)
                 continue
             if answer is None:
+                if self.circuits.watching and not self.circuits.admit(request):
+                    continue  # held for its host: waits here or goes back to the queue
                 self.driver.add(request)
             else:
+                # Not sent: no outcome for its circuit (a probe is claimed again when it expires).
+                request.circuit_probe = False
                 answers.append(answer)
         self.writeback.add(answers, time.monotonic())
 

@@ -144,6 +144,8 @@ class Session:
                 wakeups.check = True
             elif notify.payload == "destination_limits":
                 wakeups.limits = True
+            elif notify.payload == "circuits":
+                wakeups.circuits = True
 
     def _on_notice(self, diagnostic: psycopg.errors.Diagnostic) -> None:
         # libpq hands an error that arrives between statements (the FATAL a terminated backend

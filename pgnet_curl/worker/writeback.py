@@ -64,8 +64,10 @@ class WriteBack:
 
     def _write(self, queue: Queue, batch: list[Response]) -> int:
         """Write a batch; if the database refuses it, write row by row so one bad row loses nothing."""
+        settings = self.ctx.settings
         try:
-            return queue.write(batch, self.ctx.settings.notify_channel)
+            return queue.write(batch, settings.notify_channel, settings.ordering_on_failure == "halt",
+                               self.ctx.circuit_params)
         except (DatabaseUnavailable, SchemaError):
             raise
         except PgnetCurlError as exc:
@@ -79,7 +81,8 @@ class WriteBack:
         replacement = Response(response.id, status_code=response.status_code,
                                content_type=response.content_type,
                                error_msg=f"the response could not be stored: {exc}", request=response.request)
-        return queue.write([replacement])
+        return queue.write([replacement], halt=self.ctx.settings.ordering_on_failure == "halt",
+                           circuit=self.ctx.circuit_params)
 
     def _count(self, batch: list[Response], written: int, duration_s: float) -> None:
         ctx = self.ctx

@@ -72,6 +72,8 @@ def persistence_of(dsn: str) -> dict[str, str]:
 
 
 LOGGED = {"net.http_request_queue": "p", "net._http_response": "p", "net._http_request_archive": "p",
+          "net._ordered_requests": "p", "net._ordering_keys": "p", "net._destination_circuits": "p",
+          "net._held_requests": "p",
           "net.http_request_queue_id_seq": "p"}
 
 

@@ -52,7 +52,10 @@ def column_updates(conn: psycopg.Connection, role: str, table: str) -> set[str]:
 
 # What pg_net code does, and nothing more: call the request functions, read the queue and the
 # responses, collect responses, delete old responses.
-SHARED_PUBLIC = {"http_request_queue": {"SELECT"}, "_http_response": {"SELECT", "DELETE"}}
+SHARED_PUBLIC = {"http_request_queue": {"SELECT"}, "_http_response": {"SELECT", "DELETE"},
+                 # Requests in line behind their ordering key's head, or held for an open circuit:
+                 # pending, like the queue's.
+                 "_ordered_requests": {"SELECT"}, "_held_requests": {"SELECT"}}
 WORKER = {
     "http_request_queue": {"SELECT", "DELETE"},
     "_http_response": {"SELECT", "INSERT", "DELETE"},
@@ -63,6 +66,12 @@ WORKER = {
     "destination_limits": {"SELECT", "INSERT", "UPDATE"},
     "_destination_buckets": {"SELECT", "INSERT", "UPDATE", "DELETE"},
     "_destination_leases": {"SELECT", "INSERT", "UPDATE", "DELETE"},
+    # Ordering and circuits (sql/0012): the keys are read; requests in line move into the queue
+    # only through the owner's functions; circuits are the worker's to keep.
+    "_ordering_keys": {"SELECT"},
+    "_ordered_requests": {"SELECT"},  # PUBLIC's, in shared mode
+    "_held_requests": {"SELECT", "INSERT"},
+    "_destination_circuits": {"SELECT", "INSERT", "UPDATE", "DELETE"},
 }
 
 
@@ -256,4 +265,6 @@ def test_private_mode_gives_members_no_worker_function(db_dsn, db):
     assert {"http_get", "http_post", "http_delete", "http_request", "retry_request"} <= granted
     assert "worker_restart" in granted  # as pg_net lets every role call it
     assert not granted & {"rotate_signing_key", "_run_callbacks", "_claim_limited",
-                          "_destination_limits_due_s", "_destination_limits_for", "_apply_privileges"}
+                          "_destination_limits_due_s", "_destination_limits_for", "_apply_privileges",
+                          "_circuit_held_hosts", "_claim_probes", "_circuit_release", "_ordering_advance",
+                          "_ordering_release_idle"}

@@ -328,6 +328,14 @@ def test_prometheus_files_use_real_metric_names(path):
     check_metric_names(path.read_text(), str(path.relative_to(ROOT)))
 
 
+def test_an_alert_fires_when_a_circuit_stays_open():
+    rules = {rule["alert"]: rule for group in load_yaml(PROMETHEUS_DIR / "alerts.yml")["groups"]
+             for rule in group["rules"]}
+    rule = rules["PgnetCurlCircuitOpen"]
+    assert "pgnet_curl_circuits" in rule["expr"] and "open" in rule["expr"]
+    assert rule["for"] == "10m"
+
+
 # --- Grafana ---------------------------------------------------------------------------------
 
 def provisioned_datasource_uid() -> str:
@@ -355,7 +363,8 @@ def test_dashboard_covers_the_main_metrics():
                  "pgnet_curl_queue_oldest_pending_seconds", "pgnet_curl_inflight_requests",
                  "pgnet_curl_workers_alive", "pgnet_curl_write_batch_size_bucket",
                  "pgnet_curl_write_batch_duration_seconds_bucket", "pgnet_curl_worker_restarts_total",
-                 "pgnet_curl_db_reconnects_total", "pgnet_curl_lease_reclaims_total"):
+                 "pgnet_curl_db_reconnects_total", "pgnet_curl_lease_reclaims_total",
+                 "pgnet_curl_circuits", "pgnet_curl_circuit_opens_total"):
         assert name in exprs, f"no panel shows {name}"
     assert "sum by (outcome) (rate(pgnet_curl_requests_total" in exprs
     for expr in dashboard_exprs():

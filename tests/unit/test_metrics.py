@@ -31,3 +31,19 @@ def test_outcome_and_method_labels_stay_few():
     assert metrics.outcome(None, True) == "timeout"
     assert metrics.method_label("PATCH") == "PATCH"
     assert metrics.method_label("PROPFIND") == "OTHER"
+
+
+def test_metric_names_lists_every_metric_of_the_module():
+    from prometheus_client.metrics import MetricWrapperBase
+
+    # prometheus_client keeps a counter's name without its _total suffix.
+    exposed = {value._name + "_total" if value._type == "counter" else value._name
+               for value in vars(metrics).values() if isinstance(value, MetricWrapperBase)}
+    assert exposed == metrics.METRIC_NAMES
+
+
+def test_circuit_gauges_are_per_state():
+    bound = metrics.DatabaseMetrics("test_db")
+    for state in ("closed", "open", "half_open"):
+        bound.circuits(state).set(1)
+    bound.circuit_opens_total.inc()

@@ -37,5 +37,11 @@ def test_every_claim_returns_the_same_columns():
     from pgnet_curl.queue import queries
 
     def returning(name):
-        return queries()[name].split("returning", 1)[1].split()
-    assert returning("claim") == returning("claim_limited") == returning("claim_overdue")
+        # The statement's own RETURNING is its last; claim_circuits names its table q.
+        return queries()[name].rsplit("returning", 1)[1].replace("q.", "").split()
+    assert returning("claim") == returning("claim_limited") == returning("claim_overdue") == returning("claim_circuits")
+    # The probes come from a function returning those columns, in that order.
+    probe_columns = queries()["claim_probes"].split("select", 1)[1].split("from", 1)[0].replace(",", " ").split()
+    assert probe_columns == ["id", "method", "url", "headers", "body", "timeout_milliseconds", "attempts",
+                             "created_epoch", "retries", "options", "tableoid"]
+    assert len(probe_columns) == len(" ".join(returning("claim")).split(","))
