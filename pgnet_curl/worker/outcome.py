@@ -39,6 +39,12 @@ class Outcome:
             return None
         secrets_now = []
         if request.signing_key_id is not None:
+            if self.ctx.wakeups.keys and queue is not None:
+                # A rotation's NOTIFY reached us during a statement after housekeeping's refresh
+                # (it precedes the claim's result, since it committed first): a request queued
+                # after net.rotate_signing_key returned is signed with the new key.
+                self.ctx.wakeups.keys = False
+                self.signing_keys = queue.signing_keys()
             secrets_now = self._active_secrets(request.signing_key_id)
             if not secrets_now and queue is not None and time.monotonic() >= self._next_keys_reread_s:
                 # A key made just before the request may not have reached us yet (its NOTIFY can

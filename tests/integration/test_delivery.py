@@ -233,6 +233,20 @@ def test_signed_webhooks_verify_and_keep_their_id_across_retries_and_rotation(db
         db.execute("select net.http_request('GET', %s, signing_key_id => 'nope')", (url,))
 
 
+def test_a_request_queued_after_a_rotation_is_signed_with_the_new_key(db, db_dsn, serve, http_server):
+    # Each rotation's NOTIFY may reach a worker in the middle of its other statements (a TTL
+    # pass, a write-back), right before the wake of the request queued after it.
+    serve(db_dsn)
+    db.execute("select net.rotate_signing_key('rot')")
+    for round_no in range(25):
+        secret = db.execute("select net.rotate_signing_key('rot')").fetchone()[0]
+        request_id = db.execute("select net.http_request('POST', %s, convert_to('{}', 'UTF8'), signing_key_id => 'rot')",
+                                (http_server.url_for(f"/echo/rot{round_no}"),)).fetchone()[0]
+        assert response(db, request_id)["status_code"] == 200
+        (entry,) = arrivals(http_server, f"/echo/rot{round_no}")
+        assert verify(entry, secret), f"round {round_no}: not signed with the key made just before"
+
+
 def test_signing_keys_are_for_the_owner_and_the_worker_only(db, db_dsn):
     from test_security import table_privileges
 
