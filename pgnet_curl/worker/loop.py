@@ -321,8 +321,9 @@ class Worker:
                           safe_url(request.url), response.status_code or response.error_msg)
 
     def _publish_metrics(self, now: float) -> None:
-        self.ctx.tally.flush()
+        # The gauge first: a scrape that sees the counters of finished requests sees them out of flight.
         self.ctx.metrics.inflight_requests.set(self.driver.inflight)
+        self.ctx.tally.flush()
         if self.session.refused_since_s is not None:
             self.ctx.metrics.unwritten_responses.set(len(self.writeback.pending))
         self._next_metrics_flush_s = now + METRICS_FLUSH_INTERVAL_S
