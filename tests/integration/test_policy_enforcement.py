@@ -12,6 +12,9 @@ import pytest
 from helpers import wait_until
 from http_server import HttpTestServer
 
+# libcurl's side: one PostgreSQL major is enough (see the curl_side marker).
+pytestmark = pytest.mark.curl_side
+
 
 class CountingListener:
     """A listening socket nobody accepts on: the kernel completes every handshake, we count them."""

@@ -12,6 +12,9 @@ from connect_proxy import ConnectProxy
 from helpers import wait_until
 from tls_server import ProtocolServer, server_context
 
+# libcurl's side: one PostgreSQL major is enough (see the curl_side marker).
+pytestmark = pytest.mark.curl_side
+
 # Every proxy variable libcurl looks at, emptied so the tests' own environment cannot leak in.
 NO_PROXY_ENV = {name: "" for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY",
                                       "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY")}

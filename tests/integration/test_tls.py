@@ -13,6 +13,9 @@ from helpers import wait_until
 from serve_process import connected_workers
 from tls_server import ProtocolServer, server_context
 
+# libcurl's side: one PostgreSQL major is enough (see the curl_side marker).
+pytestmark = pytest.mark.curl_side
+
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):

@@ -184,7 +184,7 @@ def test_sigterm_lets_in_flight_requests_finish(db, db_dsn, serve, http_server):
 def test_drain_deadline_releases_unfinished_requests_for_the_next_worker(db, db_dsn, serve, http_server):
     process = serve(db_dsn, "--drain-timeout", "0.5")
     db.execute("select net.http_get(%s, timeout_milliseconds => 20000) from generate_series(1, 5)",
-               (http_server.url_for("/delay/8000"),))
+               (http_server.url_for("/delay/4000"),))
     wait_claimed(db, 5)
     assert process.stop() == 0
     assert "released 5 unfinished requests" in process.log
