@@ -225,5 +225,6 @@ class Housekeeping:
     def _sample_queue(self, queue: Queue) -> None:
         """Queue depth and oldest pending age, sampled at the poll by one worker (not per request)."""
         depth, oldest_age_s = queue.sample()
-        self.ctx.metrics.queue_depth.set(depth)
+        # The age first: a scrape that sees this depth sees the age of the same sample.
         self.ctx.metrics.queue_oldest_pending_seconds.set(oldest_age_s or 0.0)
+        self.ctx.metrics.queue_depth.set(depth)

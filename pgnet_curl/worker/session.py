@@ -177,8 +177,9 @@ class Session:
         first = self.refused_since_s is None
         if first:
             self.refused_since_s = now
-        self.ctx.metrics.worker_writes_refused.set(1)
+        # The count first: a scrape that sees the flag sees its count (and in writes_accepted).
         self.ctx.metrics.unwritten_responses.set(unwritten)
+        self.ctx.metrics.worker_writes_refused.set(1)
         self.ctx.stats["reconnects"] += 1
         self.close()
         delay_s = self._next_attempt()
@@ -195,8 +196,8 @@ class Session:
                  self.ctx.index, stored, time.monotonic() - self.refused_since_s)
         self.refused_since_s = None
         self._reconnect_delay_s = RECONNECT_MIN_S
-        self.ctx.metrics.worker_writes_refused.set(0)
         self.ctx.metrics.unwritten_responses.set(0)
+        self.ctx.metrics.worker_writes_refused.set(0)
 
     def lost(self, exc: PgnetCurlError) -> None:
         """Drop a broken connection and reconnect later; in-flight transfers carry on meanwhile."""
