@@ -132,6 +132,9 @@ begin
             grant execute on function net._claim_limited(text, int, float8, bool), net._destination_limits_due_s(),
                 net._destination_limits_for(text[]) to pgnet_worker;
         end if;
+        if to_regprocedure('net._claim_limited_rows(text, int, float8, bool)') is not null then
+            grant execute on function net._claim_limited_rows(text, int, float8, bool) to pgnet_worker;
+        end if;
         -- Ordering and circuits (sql/0012_ordering_and_circuits.sql): the worker moves requests
         -- in line into the queue only through the owner's functions.
         if to_regclass('net._destination_circuits') is not null then
@@ -161,7 +164,7 @@ begin
         for fn in
             select p.oid::regprocedure as signature from pg_proc p
             where p.pronamespace = 'net'::regnamespace
-              and p.proname in ('_claim_limited', '_destination_limits_due_s', '_destination_limits_for',
+              and p.proname in ('_claim_limited', '_claim_limited_rows', '_destination_limits_due_s', '_destination_limits_for',
                                 '_circuit_held_hosts', '_claim_probes', '_circuit_release', '_ordering_advance',
                                 '_ordering_release_idle')
         loop

@@ -26,17 +26,11 @@ returning id, method, url, headers::text, body, timeout_milliseconds,
 
 -- name: claim_limited
 -- The claim while net.destination_limits has rows: the same lease, on the rows the per-host
--- limits let through now (sql/0008_destination_limits.sql chooses them and takes their tokens);
--- %(overdue_only)s for the safety poll's, which takes only expired leases and due retries.
-update net.http_request_queue
-set lease_owner = %(owner)s,
-    lease_expires_at = clock_timestamp()
-        + make_interval(secs => timeout_milliseconds / 1000.0 + %(grace_s)s),
-    attempts = attempts + 1
-where id = any((select net._claim_limited(%(owner)s, %(limit)s, %(grace_s)s, %(overdue_only)s))::bigint[])
--- Exactly claim's columns: the worker reads both the same way.
-returning id, method, url, headers::text, body, timeout_milliseconds,
-          attempts, extract(epoch from created_at)::float8, retries, options::text, tableoid;
+-- limits let through now (sql/0008_destination_limits.sql chooses them and takes their tokens,
+-- sql/0013 leases them); %(overdue_only)s for the safety poll's, which takes only expired leases
+-- and due retries. Exactly claim's columns: the worker reads both the same way.
+select id, method, url, headers, body, timeout_milliseconds, attempts, created_epoch, retries, options, tableoid
+from net._claim_limited_rows(%(owner)s, %(limit)s, %(grace_s)s, %(overdue_only)s);
 
 -- name: limits_active
 -- Whether any per-destination limit is set (the worker claims with claim_limited if so), and

@@ -39,9 +39,10 @@ def test_every_claim_returns_the_same_columns():
     def returning(name):
         # The statement's own RETURNING is its last; claim_circuits names its table q.
         return queries()[name].rsplit("returning", 1)[1].replace("q.", "").split()
-    assert returning("claim") == returning("claim_limited") == returning("claim_overdue") == returning("claim_circuits")
-    # The probes come from a function returning those columns, in that order.
-    probe_columns = queries()["claim_probes"].split("select", 1)[1].split("from", 1)[0].replace(",", " ").split()
-    assert probe_columns == ["id", "method", "url", "headers", "body", "timeout_milliseconds", "attempts",
-                             "created_epoch", "retries", "options", "tableoid"]
-    assert len(probe_columns) == len(" ".join(returning("claim")).split(","))
+    assert returning("claim") == returning("claim_overdue") == returning("claim_circuits")
+    # The limited claim and the probes come from functions returning those columns, in that order.
+    for name in ("claim_limited", "claim_probes"):
+        columns = queries()[name].split("\nselect", 1)[1].split("from", 1)[0].replace(",", " ").split()
+        assert columns == ["id", "method", "url", "headers", "body", "timeout_milliseconds", "attempts",
+                           "created_epoch", "retries", "options", "tableoid"], name
+        assert len(columns) == len(" ".join(returning("claim")).split(","))
