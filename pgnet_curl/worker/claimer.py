@@ -118,11 +118,17 @@ class Claimer:
             self.circuits.probed(now)
         held = bool(self.circuits.held)
         if self._overdue and not self.limits_active and not held:
-            requests += queue.claim_overdue(limit - len(requests), ctx.settings.lease_grace_s)
+            claimed = queue.claim_overdue(limit - len(requests), ctx.settings.lease_grace_s)
         else:
             self._claimed_since_poll |= not self._overdue
-            requests += queue.claim(limit - len(requests), ctx.settings.lease_grace_s, limited=self.limits_active,
-                                    slots=self.concurrency_limited, overdue_only=self._overdue, circuits=held)
+            claimed = queue.claim(limit - len(requests), ctx.settings.lease_grace_s, limited=self.limits_active,
+                                  slots=self.concurrency_limited, overdue_only=self._overdue, circuits=held)
+        if wakeups.limits and claimed and self._laxer_than_the_limits(queue):
+            # A limit committed before these requests did (its NOTIFY came with the claim's result):
+            # give them back, and the next claim runs under it, so it holds for every request after it.
+            queue.release([request.id for request in claimed])
+            claimed = []
+        requests += claimed
         if self.limits_active and len(requests) < limit:
             due_s = queue.limits_due_s()
             if due_s is not None:
@@ -136,6 +142,15 @@ class Claimer:
         ctx.stats["claimed"] += len(requests)
         self._full = len(requests) == limit
         return requests
+
+    def _laxer_than_the_limits(self, queue: Queue) -> bool:
+        """Read the limits' state again (a changed limit is a wake, as in housekeeping); True if
+        the claim that just ran was laxer than that state."""
+        self.ctx.wakeups.limits = False
+        self.ctx.wakeups.claim = True
+        before = (self.limits_active, self.concurrency_limited)
+        self.limits_active, self.concurrency_limited = queue.limits_active()
+        return (self.limits_active and not before[0]) or (self.concurrency_limited and not before[1])
 
     def share_load(self, queue: Queue, now: float) -> None:
         """After the claimed requests went to curl: a full batch means more are probably waiting,

@@ -104,6 +104,29 @@ def test_a_concurrency_limit_set_by_flag_holds_across_serve_processes(db, worker
     assert max(entry["at_s"] for entry in entries) - min(entry["at_s"] for entry in entries) >= 0.9
 
 
+def test_a_limit_committed_just_before_requests_holds_for_them(db, db_dsn, serve, http_server):
+    # The limit's NOTIFY may reach a worker only with the result of the claim that takes the
+    # requests queued after it; that claim ran without the limit and must not send them.
+    process = serve(db_dsn)
+    for round_no in range(8):
+        query = f"round={round_no}"
+        db.execute("insert into net.destination_limits(host_pattern, max_concurrent) values ('127.0.0.1', 1)")
+        ids = queue_requests(db, http_server.url_for(f"/delay/100?{query}"), 3)
+        try:
+            wait_until(lambda: responses_stored(db, ids) == 3, timeout_s=15, message=f"round {round_no}'s responses")
+        except AssertionError as exc:
+            queue = db.execute("select id, lease_owner, lease_expires_at, attempts from net.http_request_queue").fetchall()
+            leases = db.execute("select * from net._destination_leases").fetchall()
+            raise AssertionError(f"{exc}\nqueue: {queue}\nslot leases: {leases}\nserve:\n{process.log}") from None
+        entries = [entry for entry in http_server.requests if entry["query"] == query]
+        assert len(entries) == 3
+        assert most_at_once([(e["at_s"], e["answered_at_s"]) for e in entries]) == 1, f"round {round_no}"
+        # Lifted, and a request answered after that: the worker claims without limits again.
+        db.execute("delete from net.destination_limits")
+        plain = queue_requests(db, http_server.url_for("/echo"), 1)
+        wait_until(lambda: responses_stored(db, plain) == 1, message="a request after the limit went")
+
+
 def test_a_bad_limit_flag_is_refused_with_the_format(db_dsn, serve):
     process = serve(db_dsn, "--destination-limit", "127.0.0.1=two", wait=False)
     assert process.proc.wait(30) != 0
