@@ -143,14 +143,19 @@ class Claimer:
         self._full = len(requests) == limit
         return requests
 
+    def read_limits(self, queue: Queue) -> tuple[bool, bool]:
+        """Read whether limits exist and whether some has a concurrency; return the state before."""
+        before = (self.limits_active, self.concurrency_limited)
+        self.limits_active, self.concurrency_limited = queue.limits_active()
+        return before
+
     def _laxer_than_the_limits(self, queue: Queue) -> bool:
         """Read the limits' state again (a changed limit is a wake, as in housekeeping); True if
         the claim that just ran was laxer than that state."""
         self.ctx.wakeups.limits = False
         self.ctx.wakeups.claim = True
-        before = (self.limits_active, self.concurrency_limited)
-        self.limits_active, self.concurrency_limited = queue.limits_active()
-        return (self.limits_active and not before[0]) or (self.concurrency_limited and not before[1])
+        had_limits, had_slots = self.read_limits(queue)
+        return (self.limits_active and not had_limits) or (self.concurrency_limited and not had_slots)
 
     def share_load(self, queue: Queue, now: float) -> None:
         """After the claimed requests went to curl: a full batch means more are probably waiting,

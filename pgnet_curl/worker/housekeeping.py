@@ -65,7 +65,7 @@ class Housekeeping:
             queue_oid = self._usable(checked_oid, queue)
             if queue_oid is not None:
                 self.outcome.signing_keys = queue.signing_keys()
-                self.claimer.limits_active, self.claimer.concurrency_limited = queue.limits_active()
+                self.claimer.read_limits(queue)
                 self._read_features(queue, time.monotonic())
         except SchemaError:
             # Dropped between the check and these reads: connected, waiting for it.
@@ -175,8 +175,7 @@ class Housekeeping:
             self.outcome.signing_keys = queue.signing_keys()
         if wakeups.limits:
             wakeups.limits = False
-            before = (self.claimer.limits_active, self.claimer.concurrency_limited)
-            self.claimer.limits_active, self.claimer.concurrency_limited = queue.limits_active()
+            before = self.claimer.read_limits(queue)
             # Changed limits may let held-back requests go; a refresh that finds none is no wake.
             if limits_changed or before != (self.claimer.limits_active, self.claimer.concurrency_limited):
                 wakeups.claim = True
