@@ -55,13 +55,16 @@ class Load(threading.Thread):
         started_s = time.monotonic()
         deadline_s = started_s + self.max_s
         conn = None
+        # The n's of a transaction a fault interrupted: tried again exactly, since its COMMIT may
+        # have gone through (a wider range would count n's that were never inserted).
+        interrupted: tuple[int, int] | None = None
         while self.sent < self.max_total and not self.stopping.is_set() and time.monotonic() < deadline_s:
             elapsed_s = time.monotonic() - started_s
             due = min(self.max_total, self.burst + int(self.plan.rate_per_s * elapsed_s) + 1) - self.sent
-            if due <= 0:
+            if interrupted is None and due <= 0:
                 time.sleep(self.TICK_S)
                 continue
-            first, last = self.sent + 1, self.sent + min(due, self.MAX_BATCH)
+            first, last = interrupted or (self.sent + 1, self.sent + min(due, self.MAX_BATCH))
             try:
                 if conn is None or conn.closed:
                     conn = psycopg.connect(self.dsn, connect_timeout=3, application_name="chaos load")
@@ -69,11 +72,13 @@ class Load(threading.Thread):
             except psycopg.OperationalError:
                 # The server went away, maybe during COMMIT: the same n's again, once it is back.
                 self.retries += 1
+                interrupted = (first, last)
                 if conn is not None:
                     conn.close()
                 conn = None
                 time.sleep(0.1)
                 continue
+            interrupted = None
             self.sent = last
             self.confirmed += last - first + 1
             self.highest_id = max(self.highest_id, *ids)
